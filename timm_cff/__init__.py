@@ -1,0 +1,32 @@
+"""timm-cff: layer-local training of timm Vision Transformers with Contrastive Forward-Forward.
+
+Aghagolzadeh & Ezoji, "Contrastive Forward-Forward: a training algorithm of Vision Transformer",
+Neural Networks 192:107867 (2025), arXiv 2502.00571.
+"""
+from .export import export_model as export_model
+from .export import load_encoder as load_encoder
+from .loss import create_loss as create_loss
+from .loss import get_loss_class as get_loss_class
+from .loss import list_losses as list_losses
+from .loss import register_loss as register_loss
+from .margins import MarginSchedule as MarginSchedule
+from .margins import create_margins as create_margins
+from .margins import linear_margins as linear_margins
+from .metrics import accuracy as accuracy
+from .metrics import evaluate_accuracy as evaluate_accuracy
+from .probe import ProbeResult as ProbeResult
+from .probe import train_linear_probe as train_linear_probe
+from .stages import StageAdapter as StageAdapter
+from .stages import VitStages as VitStages
+from .stages import create_stages as create_stages
+from .stages import register_stages as register_stages
+from .trainer import LocalTrainer as LocalTrainer
+from .trainer import NonFiniteLossError as NonFiniteLossError
+from .version import __version__ as __version__
+
+__all__ = [
+    'export_model', 'load_encoder', 'create_loss', 'get_loss_class', 'list_losses', 'register_loss',
+    'MarginSchedule', 'create_margins', 'linear_margins', 'accuracy', 'evaluate_accuracy', 'ProbeResult',
+    'train_linear_probe', 'StageAdapter', 'VitStages', 'create_stages', 'register_stages', 'LocalTrainer',
+    'NonFiniteLossError', '__version__',
+]

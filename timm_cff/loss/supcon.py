@@ -1,0 +1,139 @@
+"""Supervised contrastive losses of Contrastive Forward-Forward.
+
+- ``supcon``: Khosla et al., "Supervised Contrastive Learning" (NeurIPS 2020), Eq. 3 of the CFF paper, the "L_out"
+  form: the mean over positives sits outside the log, self is excluded, anchors without positives add 0.
+- ``marginal_supcon``: the CFF+M loss, Eqs. 14/15 of Aghagolzadeh & Ezoji, "Contrastive Forward-Forward"
+  (Neural Networks 2025, arXiv 2502.00571): positive similarities become ``min(cos + m, 1)`` in the numerator and
+  the denominator; negatives are untouched. ``margin=0`` is exactly ``supcon``.
+"""
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._registry import register_loss
+
+__all__ = ['SupConLoss', 'MarginalSupConLoss', 'marginal_supcon_loss', 'supcon_from_similarity', 'pairwise_cosine',
+           'stack_views']
+
+
+def stack_views(features: Tensor | Sequence[Tensor]) -> Tensor:
+    """Views as one tensor: ``[B, V, D]`` stays, a list of V ``[B, D]`` tensors is stacked, ``[B, D]`` is V = 1."""
+    if not isinstance(features, Tensor):
+        features = torch.stack(list(features), dim=1)
+    if features.dim() == 2:
+        features = features.unsqueeze(1)
+    if features.dim() != 3:
+        raise ValueError(f'Features must be [B, V, D] or a list of [B, D] views, got shape {tuple(features.shape)}.')
+    return features
+
+
+def pairwise_cosine(features: Tensor | Sequence[Tensor], labels: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Cosine similarities of all V·B anchors (view-major) and which pairs are positives.
+
+    Args:
+        features: ``[B, V, D]`` un-normalised features (or a list of V ``[B, D]``).
+        labels: ``[B]`` integer classes; ``None`` makes the other views of a sample its only positives (SimCLR).
+
+    Returns:
+        ``sim [VB, VB]`` and ``pos [VB, VB]`` (bool, same label, self excluded).
+    """
+    features = stack_views(features)
+    batch, views, _ = features.shape
+    if labels is None:
+        labels = torch.arange(batch, device=features.device)
+    if labels.shape != (batch,):
+        raise ValueError(f'Labels must have shape [{batch}] to match features {tuple(features.shape)}, '
+                         f'got {tuple(labels.shape)}.')
+    z = F.normalize(features.transpose(0, 1).reshape(views * batch, -1), dim=1)  # view-major [VB, D]
+    tiled = labels.to(features.device).repeat(views)  # [VB]
+    pos = tiled[:, None] == tiled[None, :]
+    pos.fill_diagonal_(False)
+    return z @ z.T, pos
+
+
+def supcon_from_similarity(sim: Tensor, pos: Tensor, temperature: float = 0.15, margin: float = 0.0,
+                           reduction: str = 'mean') -> Tensor:
+    """Eq. 15 (Eq. 3 at ``margin=0``) from a cosine matrix ``sim [N, N]`` and positive mask ``pos [N, N]``.
+
+    ``reduction='none'`` gives the per-anchor losses ``ℓ_i [N]``.
+    """
+    if margin:  # q = min(s + m, 1) on positives only, used in the numerator and the denominator
+        sim = torch.where(pos, (sim + margin).clamp(max=1.0), sim)
+    logits = sim / temperature
+    # The denominator runs over A(i) = every entry but self; logsumexp is the stable form of log Σ exp.
+    self_mask = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    log_denominator = torch.logsumexp(logits.masked_fill(self_mask, float('-inf')), dim=1)
+    num_pos = pos.sum(dim=1)
+    # Σ_p [q_ip/τ − log Σ_a exp(q_ia/τ)] / |P(i)|; anchors with no positive give 0 and still count in the mean.
+    mean_log_prob_pos = ((logits * pos).sum(dim=1) - num_pos * log_denominator) / num_pos.clamp(min=1)
+    loss = -mean_log_prob_pos
+    if reduction == 'none':
+        return loss
+    return loss.mean() if reduction == 'mean' else loss.sum()
+
+
+def marginal_supcon_loss(
+        features: Tensor | Sequence[Tensor],
+        labels: Tensor | None = None,
+        temperature: float = 0.15,
+        margin: float = 0.0,
+        reduction: str = 'mean',
+) -> Tensor:
+    """Eq. 15 of the CFF paper (Eq. 3 at ``margin=0``); see ``MarginalSupConLoss``. Returns a scalar."""
+    sim, pos = pairwise_cosine(features, labels)
+    return supcon_from_similarity(sim, pos, temperature, margin, reduction)
+
+
+def _check_args(temperature: float, margin: float, reduction: str) -> None:
+    if not temperature > 0:
+        raise ValueError(f'temperature must be > 0, got {temperature}.')
+    if not 0.0 <= margin <= 2.0:
+        raise ValueError(f'margin must be in [0, 2] (Eq. 15), got {margin}.')
+    if reduction not in ('mean', 'sum', 'none'):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}.")
+
+
+@register_loss('supcon', description='Supervised contrastive loss (Khosla et al. 2020; CFF Eq. 3)')
+class SupConLoss(nn.Module):
+    """Supervised contrastive loss, L_out form (CFF Eq. 3).
+
+    Args:
+        temperature: τ; 0.15 as in the official CFF code (SupContrast's own default is 0.07).
+        reduction: ``'mean'`` over the V·B anchors (official code), ``'sum'`` (the paper's formula) or ``'none'``.
+
+    Shape:
+        features ``[B, V, D]`` (or a list of V ``[B, D]``), un-normalised; labels ``[B]`` or ``None``; output scalar.
+    """
+    margin: float = 0.0
+
+    def __init__(self, temperature: float = 0.15, reduction: str = 'mean'):
+        super().__init__()
+        _check_args(temperature, self.margin, reduction)
+        self.temperature = temperature
+        self.reduction = reduction
+
+    def forward(self, features: Tensor | Sequence[Tensor], labels: Tensor | None = None) -> Tensor:
+        return marginal_supcon_loss(features, labels, self.temperature, self.margin, self.reduction)
+
+    def extra_repr(self) -> str:
+        return f'temperature={self.temperature}, margin={self.margin}, reduction={self.reduction!r}'
+
+
+@register_loss('marginal_supcon', description='Marginal supervised contrastive loss of CFF+M (Eqs. 14/15)')
+class MarginalSupConLoss(SupConLoss):
+    """Marginal contrastive loss of CFF+M (Eqs. 14/15): positives scored ``min(cos + m, 1)``.
+
+    A positive pair already within ``m`` of a perfect match is clamped to 1 and gets zero gradient (Eq. A.5), so
+    learning concentrates on hard positives and on negatives.
+
+    Args:
+        temperature: τ (0.15, official code).
+        margin: ``m`` in [0, 2]; 0.4 is the paper's first-stage value (the trainer uses a schedule per stage).
+        reduction: ``'mean'`` (official) or ``'sum'``.
+    """
+
+    def __init__(self, temperature: float = 0.15, margin: float = 0.4, reduction: str = 'mean'):
+        self.margin = float(margin)
+        super().__init__(temperature, reduction)

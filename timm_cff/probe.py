@@ -1,0 +1,114 @@
+"""Stage 2: a linear probe (``fc_norm`` + ``head``) on the frozen, layer-locally trained encoder.
+
+This is the official CFF probe (LayerNorm(E) then Linear(E, C) on the token mean of the last block): with
+``global_pool='avg'`` timm applies exactly these two modules after pooling, and stage 1 never trains them.
+Defaults follow the official code: AdamW, lr 5e-4, wd 0.01, constant LR, 50 epochs, best validation cross-entropy.
+"""
+import copy
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .metrics import accuracy, first_view
+from .stages import HEAD_MODULES
+
+__all__ = ['train_linear_probe', 'ProbeResult']
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ProbeResult:
+    """What the probe run did: the epoch kept (1-based), its validation loss, and per-epoch metrics."""
+    best_epoch: int
+    best_val_loss: float | None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _head_modules(model: nn.Module, names: tuple[str, ...]) -> nn.ModuleList:
+    missing = [n for n in names if not hasattr(model, n)]
+    if missing:
+        raise TypeError(f'{type(model).__name__} has no {missing}; the probe trains the timm classifier modules '
+                        f'{list(names)} (build the ViT with global_pool="avg").')
+    return nn.ModuleList([getattr(model, n) for n in names])
+
+
+def _reset(modules: nn.ModuleList) -> None:
+    for module in modules.modules():
+        if hasattr(module, 'reset_parameters'):
+            module.reset_parameters()
+
+
+def _run_epoch(model, head, loader, optimizer=None) -> dict[str, float]:
+    """One pass; trains the head when an optimizer is given. Encoder features never carry gradients."""
+    device = next(model.parameters()).device
+    loss_sum, top1_sum, count = torch.zeros((), device=device), 0.0, 0
+    head.train(optimizer is not None)
+    for inputs, labels in loader:
+        x, y = first_view(inputs).to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.no_grad():
+            features = model.forward_features(x)  # frozen encoder, [B, N, D]
+        with torch.set_grad_enabled(optimizer is not None):
+            logits = model.forward_head(features)  # pool -> fc_norm -> head, [B, C]
+            loss = F.cross_entropy(logits, y)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        loss_sum += loss.detach() * len(y)
+        top1_sum += accuracy(logits.detach(), y)[0] * len(y)
+        count += len(y)
+    if count == 0:
+        raise ValueError('The probe loader yielded no batches.')
+    return {'loss': float(loss_sum) / count, 'top1': top1_sum / count}
+
+
+def train_linear_probe(
+        model: nn.Module,
+        train_loader: Iterable,
+        val_loader: Iterable | None = None,
+        *,
+        epochs: int = 50,
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        reinit: bool = True,
+        head_modules: tuple[str, ...] = HEAD_MODULES,
+        on_epoch=None,
+) -> ProbeResult:
+    """Train ``fc_norm`` + ``head`` of ``model`` on its frozen encoder; keep the best validation cross-entropy.
+
+    Args:
+        model: a timm model (``forward_features`` / ``forward_head``); only ``head_modules`` change.
+        train_loader, val_loader: ``(inputs, labels)`` batches; with several views the first is used.
+        epochs, lr, weight_decay: AdamW settings (official: 50, 5e-4, 0.01, constant LR).
+        reinit: re-initialise the head modules first (the official probe starts from fresh layers).
+        on_epoch: optional ``fn(epoch, metrics)`` called after every epoch (e.g. a progress bar).
+
+    Returns:
+        ``ProbeResult``; the model's head holds the weights of the best epoch (the last without ``val_loader``).
+    """
+    head = _head_modules(model, head_modules)
+    if reinit:
+        _reset(head)
+    was_training = model.training
+    model.eval()  # frozen encoder: no dropout / drop-path
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    best_state, best_loss, best_epoch, history = None, None, epochs, []
+    for epoch in range(1, epochs + 1):
+        metrics = {f'train_{k}': v for k, v in _run_epoch(model, head, train_loader, optimizer).items()}
+        if val_loader is not None:
+            metrics.update({f'val_{k}': v for k, v in _run_epoch(model, head, val_loader).items()})
+            if best_loss is None or metrics['val_loss'] < best_loss:
+                best_loss, best_epoch, best_state = metrics['val_loss'], epoch, copy.deepcopy(head.state_dict())
+        history.append({'epoch': epoch, **metrics})
+        _logger.debug('probe epoch %d: %s', epoch, metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    model.train(was_training)
+    return ProbeResult(best_epoch, best_loss, history)

@@ -1,0 +1,285 @@
+"""``LocalTrainer``: layer-local (Contrastive Forward-Forward) training of an unmodified timm model.
+
+Every stage has its own loss on its pooled output and its own optimizer, and receives the previous stage's output
+detached, so no gradient crosses stages (CFF paper, Alg. 1). The whole algorithm is ``step()``:
+
+    h = views (all V views as one V·B batch)
+    for each stage l:
+        h = stage_l(h.detach())                      # [VB, N, D]
+        loss_l = loss_l(pool(h) as [B, V, D], y)     # its own margin
+        loss_l.backward()                            # reaches stage l only
+    check every loss is finite, then step every stage's optimizer
+
+Stepping the optimizers after all backward passes gives the same updates as stepping each right after its
+backward: stage l+1's input was computed before stage l's update either way, and the parameter sets are disjoint.
+It also lets a non-finite loss be refused before any weight changes.
+"""
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .loss import create_loss
+from .margins import MarginSchedule, linear_margins, resolve_margins
+from .stages import StageAdapter, create_stages
+
+__all__ = ['LocalTrainer', 'NonFiniteLossError', 'split_batch']
+
+_logger = logging.getLogger(__name__)
+
+#: The CFF+M schedule of the paper, used when ``margins=None`` and the loss takes a margin.
+PAPER_MARGINS = linear_margins(0.4, 0.1)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A stage loss was NaN or infinite; no optimizer stepped on it."""
+
+    def __init__(self, stage: int, step: int, value: float):
+        super().__init__(f'Non-finite loss {value} at stage {stage}, step {step}; no weights were updated. '
+                         'Lower the learning rate or check the inputs for NaN/inf.')
+        self.stage, self.step, self.value = stage, step, value
+
+
+def split_batch(batch: Any) -> tuple[Any, Tensor]:
+    """A loader batch ``(inputs, labels)`` -> ``(inputs, labels)``, with a clear error for other shapes."""
+    if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
+        raise ValueError('Loader batches must be (inputs, labels) pairs; inputs is one tensor [B, ...] or a '
+                         'tuple of V view tensors.')
+    return batch[0], batch[1]
+
+
+def _takes_margin(loss: str | Callable[..., nn.Module]) -> bool:
+    from .loss import get_loss_class
+    factory = get_loss_class(loss) if isinstance(loss, str) else loss
+    try:
+        return 'margin' in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return True
+
+
+def _build_losses(loss: Any, margins: Any, loss_kwargs: dict, num_stages: int) -> list[nn.Module]:
+    """One loss module per stage; the margin schedule gives each its own ``margin``."""
+    if isinstance(loss, nn.Module):
+        loss = [loss] * num_stages
+    if isinstance(loss, Sequence) and not isinstance(loss, str):
+        if len(loss) != num_stages or margins is not None:
+            raise ValueError(f'A list of loss modules needs one per stage ({num_stages}) and margins=None.')
+        return list(loss)
+    if not _takes_margin(loss):
+        values = resolve_margins(margins, num_stages) or [0.0]
+        if any(values):
+            raise ValueError(f'Loss {loss!r} takes no margin, but margins {values} were given. Use '
+                             f"loss='marginal_supcon' for CFF+M, or margins=None.")
+        return [create_loss(loss, **loss_kwargs) for _ in range(num_stages)]
+    values = resolve_margins(PAPER_MARGINS if margins is None else margins, num_stages)
+    return [create_loss(loss, margin=m, **loss_kwargs) for m in values]
+
+
+def _build_optimizer(params: list[nn.Parameter], optimizer: Any, lr: float, weight_decay: float,
+                     kwargs: dict) -> torch.optim.Optimizer:
+    """``'adamw'`` (the official: decay on every parameter) or any ``timm.optim`` name, or a factory."""
+    if callable(optimizer):
+        return optimizer(params)
+    from timm.optim import create_optimizer_v2
+    # A parameter list (not a module) keeps timm from splitting off no-decay groups: official CFF decays all.
+    return create_optimizer_v2(params, opt=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+class LocalTrainer:
+    """Layer-local training of an unmodified timm model with one loss and one optimizer per stage.
+
+    Args:
+        model: a timm ``VisionTransformer`` (``global_pool='avg'`` without class token is the CFF configuration;
+            class-token and register-token models pool with ``model.pool``), or any model with a registered adapter.
+        loss: registered loss name (``'marginal_supcon'``, ``'supcon'``), class, partial, module, or one module
+            per stage.
+        margins: per-stage margins: a schedule (``linear_margins(0.4, 0.1)``), a list with one value per stage or a
+            constant. ``None`` means the paper's CFF+M schedule for losses that take a margin.
+        lr: learning rate of every stage (4e-3 in the official code).
+        loss_kwargs: extra loss arguments, e.g. ``{'temperature': 0.15}``.
+        optimizer: a ``timm.optim`` name (``'adamw'``: torch AdamW, decay on all parameters as in the official code)
+            or a factory ``params -> Optimizer``.
+        weight_decay: 0.01 (torch's AdamW default, used by the official code).
+        optimizer_kwargs: extra optimizer arguments (``betas``, ``eps``, ...).
+        scheduler: ``None`` (constant LR, official) or kwargs for ``timm.scheduler.create_scheduler_v2``.
+        num_views: 2 (CFF) or 1 (the one-forward variant of Table 6).
+        fuse_views: run the V views as one V·B batch through each stage (faster; equal to separate passes).
+        check_finite: refuse a NaN/inf loss before any weight changes (one host sync per step).
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            loss: Any = 'marginal_supcon',
+            margins: float | Sequence[float] | MarginSchedule | None = None,
+            lr: float = 4e-3,
+            *,
+            loss_kwargs: dict | None = None,
+            optimizer: str | Callable = 'adamw',
+            weight_decay: float = 0.01,
+            optimizer_kwargs: dict | None = None,
+            scheduler: dict | None = None,
+            num_views: int = 2,
+            fuse_views: bool = True,
+            check_finite: bool = True,
+            stages: StageAdapter | None = None,
+    ):
+        if num_views < 1:
+            raise ValueError(f'num_views must be >= 1, got {num_views}.')
+        self.model = model
+        self.stages = stages or create_stages(model)
+        self.num_stages = self.stages.num_stages
+        self.losses = _build_losses(loss, margins, dict(loss_kwargs or {}), self.num_stages)
+        self.margins = [getattr(fn, 'margin', 0.0) for fn in self.losses]
+        self.optimizers = [
+            _build_optimizer(self.stages.stage_parameters(i), optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))
+            for i in range(self.num_stages)]
+        self.schedulers = [self._build_scheduler(opt, scheduler) for opt in self.optimizers] if scheduler else []
+        self.num_views = num_views
+        self.fuse_views = fuse_views
+        self.check_finite = check_finite
+        self.num_updates = 0
+        self.epoch = 0
+
+    @staticmethod
+    def _build_scheduler(optimizer: torch.optim.Optimizer, kwargs: dict):
+        from timm.scheduler import create_scheduler_v2
+        return create_scheduler_v2(optimizer, **kwargs)[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ----------------------------------------------------------------------------------------------- the algorithm
+    def step(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """One layer-local update of every stage on a batch.
+
+        Args:
+            views: a tuple of V view tensors ``[B, C, H, W]`` (two augmentations of the same images), or one tensor.
+            labels: ``[B]`` integer classes.
+
+        Returns:
+            ``{'loss': Σ_l loss_l, 'loss_block0': loss_0, ...}`` as detached 0-d tensors (no host sync).
+        """
+        return self._as_dict(self._update(views, labels))
+
+    def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
+        """The body of ``step()``: ``[L]`` detached stage losses."""
+        x, labels = self._prepare(views, labels)
+        self.model.train()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        losses = self._stage_losses(x, labels, backward=True)
+        if self.check_finite:
+            self._raise_if_not_finite(losses)
+        for opt in self.optimizers:
+            opt.step()
+        self.num_updates += 1
+        for sched in self.schedulers:
+            sched.step_update(num_updates=self.num_updates)
+        return losses
+
+    def _stage_losses(self, x: Tensor, labels: Tensor, backward: bool) -> Tensor:
+        """Run every stage on its detached input; ``[L]`` losses (each already back-propagated if ``backward``)."""
+        h, losses = x, []
+        for index, loss_fn in enumerate(self.losses):
+            h = self._forward_stage(index, h.detach())  # [VB, ...]
+            z = self.stages.pool(h)  # [VB, D], view-major
+            loss = loss_fn(z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1), labels)  # [B, V, D]
+            if backward:
+                loss.backward()  # the graph holds stage `index` only: its input is detached
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    def _forward_stage(self, index: int, h: Tensor) -> Tensor:
+        if self.fuse_views:
+            return self.stages.forward_stage(index, h)
+        return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(self.num_views)])
+
+    # ------------------------------------------------------------------------------------------------ epochs
+    def train_epoch(self, loader: Iterable) -> dict[str, float]:
+        """``step()`` over a loader of ``(views, labels)``; per-sample mean losses of the epoch."""
+        totals, count = None, 0
+        for batch in loader:
+            views, labels = split_batch(batch)
+            out = self._update(views, labels) * len(labels)
+            totals, count = (out if totals is None else totals + out), count + len(labels)
+        self.end_epoch()
+        return self._as_floats(totals, count)
+
+    def end_epoch(self) -> None:
+        """Advance the epoch counter and epoch-based schedulers."""
+        self.epoch += 1
+        for sched in self.schedulers:
+            sched.step(self.epoch)
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Per-sample mean stage losses on a loader, without updates (eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        totals, count = None, 0
+        for batch in loader:
+            x, labels = self._prepare(*split_batch(batch))
+            out = self._stage_losses(x, labels, backward=False) * len(labels)
+            totals, count = (out if totals is None else totals + out), count + len(labels)
+        self.model.train(was_training)
+        return self._as_floats(totals, count)
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: model, optimizers, schedulers and counters."""
+        return {
+            'model': self.model.state_dict(),
+            'optimizers': [opt.state_dict() for opt in self.optimizers],
+            'schedulers': [sched.state_dict() for sched in self.schedulers],
+            'num_updates': self.num_updates,
+            'epoch': self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state['optimizers']) != len(self.optimizers):
+            raise ValueError(f'The checkpoint has {len(state["optimizers"])} stage optimizers, this trainer has '
+                             f'{len(self.optimizers)}; it belongs to a model of another depth.')
+        self.model.load_state_dict(state['model'])
+        for opt, opt_state in zip(self.optimizers, state['optimizers']):
+            opt.load_state_dict(opt_state)
+        for sched, sched_state in zip(self.schedulers, state.get('schedulers', [])):
+            sched.load_state_dict(sched_state)
+        self.num_updates = state['num_updates']
+        self.epoch = state.get('epoch', 0)
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _prepare(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Views -> one view-major ``[VB, ...]`` tensor on the model's device; labels checked against ``B``."""
+        views = [views] if isinstance(views, Tensor) else list(views)
+        if len(views) < self.num_views:
+            raise ValueError(f'The trainer uses {self.num_views} views per image but the batch has {len(views)}; '
+                             'give a tuple of views or set num_views=1.')
+        views = views[:self.num_views]
+        if any(v.shape != views[0].shape for v in views):
+            raise ValueError(f'All views must have one shape, got {[tuple(v.shape) for v in views]}.')
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != len(views[0]):
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f'Labels must be a [B] tensor with B = {len(views[0])} (the batch size), got {shape}.')
+        device = self.device
+        return torch.cat(views).to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def _raise_if_not_finite(self, losses: Tensor) -> None:
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):  # one host sync per step
+            stage = int((~finite).nonzero()[0])
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(stage, self.num_updates, float(losses[stage]))
+
+    def _as_dict(self, losses: Tensor) -> dict[str, Tensor]:
+        return {'loss': losses.sum(), **{f'loss_block{i}': loss for i, loss in enumerate(losses)}}
+
+    def _as_floats(self, totals: Tensor | None, count: int) -> dict[str, float]:
+        if totals is None:
+            raise ValueError('The loader yielded no batches.')
+        return {k: float(v) for k, v in self._as_dict(totals / count).items()}
