@@ -198,3 +198,11 @@ def test_timm_optimizer_names_and_schedulers(vit):
 def test_cross_entropy_sanity_of_fixture_helpers():
     (x1, _), y = make_batch()
     assert F.one_hot(y, 5).shape == (8, 5) and x1.shape == (8, 3, 16, 16)
+
+
+def test_selection_key_and_predict(vit):
+    assert LocalTrainer(vit).selection_key == 'loss_block2'
+    assert LocalTrainer(vit, select_on='sum').selection_key == 'loss'
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(LocalTrainer(vit).predict(x), vit.eval()(x))

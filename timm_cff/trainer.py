@@ -108,6 +108,7 @@ class LocalTrainer:
         num_views: 2 (CFF) or 1 (the one-forward variant of Table 6).
         fuse_views: run the V views as one V·B batch through each stage (faster; equal to separate passes).
         check_finite: refuse a NaN/inf loss before any weight changes (one host sync per step).
+        select_on: which validation loss picks the best checkpoint: ``'last'`` stage (official) or ``'sum'``.
     """
 
     def __init__(
@@ -125,10 +126,13 @@ class LocalTrainer:
             num_views: int = 2,
             fuse_views: bool = True,
             check_finite: bool = True,
+            select_on: str = 'last',
             stages: StageAdapter | None = None,
     ):
         if num_views < 1:
             raise ValueError(f'num_views must be >= 1, got {num_views}.')
+        if select_on not in ('last', 'sum'):
+            raise ValueError(f"select_on must be 'last' or 'sum', got {select_on!r}.")
         self.model = model
         self.stages = stages or create_stages(model)
         self.num_stages = self.stages.num_stages
@@ -141,6 +145,7 @@ class LocalTrainer:
         self.num_views = num_views
         self.fuse_views = fuse_views
         self.check_finite = check_finite
+        self.select_on = select_on
         self.num_updates = 0
         self.epoch = 0
 
@@ -152,6 +157,17 @@ class LocalTrainer:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def selection_key(self) -> str:
+        """The ``evaluate()`` entry whose minimum picks the best checkpoint (official: the last stage's loss)."""
+        return f'loss_block{self.num_stages - 1}' if self.select_on == 'last' else 'loss'
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Class scores ``[B, C]`` of the model in one forward pass (meaningful once the probe is trained)."""
+        self.model.eval()
+        return self.model(x.to(self.device))
 
     # ----------------------------------------------------------------------------------------------- the algorithm
     def step(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
