@@ -206,3 +206,13 @@ def test_selection_key_and_predict(vit):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(LocalTrainer(vit).predict(x), vit.eval()(x))
+
+
+def test_stage_metrics_are_reported_per_block(vit):
+    def positives(features, labels, loss_fn):
+        return torch.tensor(float(loss_fn.margin))
+    trainer = LocalTrainer(vit, lr=1e-3, stage_metrics={'margin': positives})
+    out = trainer.step(*make_batch())
+    assert [float(out[f'margin_block{i}']) for i in range(3)] == pytest.approx([0.4, 0.25, 0.1])
+    assert 'margin' not in out
+    assert trainer.evaluate([make_batch()])['margin_block1'] == pytest.approx(0.25)

@@ -109,6 +109,8 @@ class LocalTrainer:
         fuse_views: run the V views as one V·B batch through each stage (faster; equal to separate passes).
         check_finite: refuse a NaN/inf loss before any weight changes (one host sync per step).
         select_on: which validation loss picks the best checkpoint: ``'last'`` stage (official) or ``'sum'``.
+        stage_metrics: extra per-stage diagnostics ``{name: fn(features [B, V, D], labels, loss_fn) -> 0-d}``,
+            computed on detached features and reported as ``{name}_block{i}`` (e.g. the clamped fraction R(k)).
     """
 
     def __init__(
@@ -127,6 +129,7 @@ class LocalTrainer:
             fuse_views: bool = True,
             check_finite: bool = True,
             select_on: str = 'last',
+            stage_metrics: dict[str, Callable[[Tensor, Tensor, nn.Module], Tensor]] | None = None,
             stages: StageAdapter | None = None,
     ):
         if num_views < 1:
@@ -146,6 +149,7 @@ class LocalTrainer:
         self.fuse_views = fuse_views
         self.check_finite = check_finite
         self.select_on = select_on
+        self.stage_metrics = dict(stage_metrics or {})
         self.num_updates = 0
         self.epoch = 0
 
@@ -178,19 +182,20 @@ class LocalTrainer:
             labels: ``[B]`` integer classes.
 
         Returns:
-            ``{'loss': Σ_l loss_l, 'loss_block0': loss_0, ...}`` as detached 0-d tensors (no host sync).
+            ``{'loss': Σ_l loss_l, 'loss_block0': loss_0, ...}`` as detached 0-d tensors (no host sync), plus
+            ``{name}_block{i}`` for every ``stage_metrics`` entry.
         """
         return self._as_dict(self._update(views, labels))
 
     def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
-        """The body of ``step()``: ``[L]`` detached stage losses."""
+        """The body of ``step()``: ``[1 + M, L]`` detached stage losses (row 0) and stage metrics."""
         x, labels = self._prepare(views, labels)
         self.model.train()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         losses = self._stage_losses(x, labels, backward=True)
         if self.check_finite:
-            self._raise_if_not_finite(losses)
+            self._raise_if_not_finite(losses[0])
         for opt in self.optimizers:
             opt.step()
         self.num_updates += 1
@@ -199,16 +204,18 @@ class LocalTrainer:
         return losses
 
     def _stage_losses(self, x: Tensor, labels: Tensor, backward: bool) -> Tensor:
-        """Run every stage on its detached input; ``[L]`` losses (each already back-propagated if ``backward``)."""
-        h, losses = x, []
+        """Run every stage on its detached input; ``[1 + M, L]``: losses (back-propagated if ``backward``), metrics."""
+        h, columns = x, []
         for index, loss_fn in enumerate(self.losses):
             h = self._forward_stage(index, h.detach())  # [VB, ...]
             z = self.stages.pool(h)  # [VB, D], view-major
-            loss = loss_fn(z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1), labels)  # [B, V, D]
+            features = z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1)  # [B, V, D]
+            loss = loss_fn(features, labels)
             if backward:
                 loss.backward()  # the graph holds stage `index` only: its input is detached
-            losses.append(loss.detach())
-        return torch.stack(losses)
+            extras = [fn(features.detach(), labels, loss_fn) for fn in self.stage_metrics.values()]
+            columns.append(torch.stack([loss.detach(), *extras]))
+        return torch.stack(columns, dim=1)
 
     def _forward_stage(self, index: int, h: Tensor) -> Tensor:
         if self.fuse_views:
@@ -292,8 +299,11 @@ class LocalTrainer:
                 opt.zero_grad(set_to_none=True)
             raise NonFiniteLossError(stage, self.num_updates, float(losses[stage]))
 
-    def _as_dict(self, losses: Tensor) -> dict[str, Tensor]:
-        return {'loss': losses.sum(), **{f'loss_block{i}': loss for i, loss in enumerate(losses)}}
+    def _as_dict(self, rows: Tensor) -> dict[str, Tensor]:
+        out = {'loss': rows[0].sum()}
+        for name, row in zip(['loss', *self.stage_metrics], rows):
+            out.update({f'{name}_block{i}': value for i, value in enumerate(row)})
+        return out
 
     def _as_floats(self, totals: Tensor | None, count: int) -> dict[str, float]:
         if totals is None:
