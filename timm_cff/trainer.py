@@ -206,16 +206,34 @@ class LocalTrainer:
     def _stage_losses(self, x: Tensor, labels: Tensor, backward: bool) -> Tensor:
         """Run every stage on its detached input; ``[1 + M, L]``: losses (back-propagated if ``backward``), metrics."""
         h, columns = x, []
-        for index, loss_fn in enumerate(self.losses):
-            h = self._forward_stage(index, h.detach())  # [VB, ...]
-            z = self.stages.pool(h)  # [VB, D], view-major
-            features = z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1)  # [B, V, D]
-            loss = loss_fn(features, labels)
-            if backward:
-                loss.backward()  # the graph holds stage `index` only: its input is detached
-            extras = [fn(features.detach(), labels, loss_fn) for fn in self.stage_metrics.values()]
-            columns.append(torch.stack([loss.detach(), *extras]))
+        for index in range(self.num_stages):
+            h, column = self.stage_step(index, h, labels, backward)
+            columns.append(column)
         return torch.stack(columns, dim=1)
+
+    def stage_step(self, index: int, h: Tensor, labels: Tensor, backward: bool = True) -> tuple[Tensor, Tensor]:
+        """Stage ``index`` alone: forward on the detached input, loss, and (with ``backward``) its gradients.
+
+        The optimizer is not stepped here. Schedules other than the sequential one (e.g. a layer pipeline) call this
+        per stage and batch.
+
+        Args:
+            h: the stage input, ``[VB, ...]`` view-major (images for stage 0).
+            labels: ``[B]``.
+
+        Returns:
+            The stage output ``[VB, ...]`` (still attached to this stage's graph only) and ``[1 + M]``: the detached
+            loss followed by the ``stage_metrics`` values.
+        """
+        h = self._forward_stage(index, h.detach())  # [VB, ...]
+        z = self.stages.pool(h)  # [VB, D], view-major
+        features = z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1)  # [B, V, D]
+        loss_fn = self.losses[index]
+        loss = loss_fn(features, labels)
+        if backward:
+            loss.backward()  # the graph holds stage `index` only: its input is detached
+        extras = [fn(features.detach(), labels, loss_fn) for fn in self.stage_metrics.values()]
+        return h, torch.stack([loss.detach(), *extras])
 
     def _forward_stage(self, index: int, h: Tensor) -> Tensor:
         if self.fuse_views:
