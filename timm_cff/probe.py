@@ -6,12 +6,12 @@ Defaults follow the official code: AdamW, lr 5e-4, wd 0.01, constant LR, 50 epoc
 """
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .metrics import accuracy, first_view
 from .stages import HEAD_MODULES
@@ -43,15 +43,38 @@ def _reset(modules: nn.ModuleList) -> None:
             module.reset_parameters()
 
 
-def _run_epoch(model, head, loader, optimizer=None) -> dict[str, float]:
-    """One pass; trains the head when an optimizer is given. Encoder features never carry gradients."""
+def _encoded(model: nn.Module, loader: Iterable) -> Iterator[tuple[Tensor, Tensor]]:
+    """``(tokens [B, N, D], labels [B])`` of the frozen encoder; the first view of multi-view batches."""
     device = next(model.parameters()).device
-    loss_sum, top1_sum, count = torch.zeros((), device=device), 0.0, 0
-    head.train(optimizer is not None)
     for inputs, labels in loader:
-        x, y = first_view(inputs).to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.no_grad():
-            features = model.forward_features(x)  # frozen encoder, [B, N, D]
+            yield model.forward_features(first_view(inputs).to(device, non_blocking=True)), labels.to(device)
+
+
+class _FeatureCache:
+    """Encoder outputs of a loader computed once and re-batched in a fresh order each epoch (for loaders
+    whose inputs do not change between epochs, i.e. without augmentation)."""
+
+    def __init__(self, model: nn.Module, loader: Iterable):
+        pairs = list(_encoded(model, loader))
+        self.batch_size = len(pairs[0][1]) if pairs else 1
+        self.features = torch.cat([f for f, _ in pairs]) if pairs else torch.empty(0)
+        self.labels = torch.cat([y for _, y in pairs]) if pairs else torch.empty(0, dtype=torch.long)
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.epoch += 1
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.epoch))
+        for index in order.to(self.labels.device).split(self.batch_size):
+            yield self.features[index], self.labels[index]
+
+
+def _run_epoch(model: nn.Module, head: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
+               optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+    """One pass over encoded batches; trains the head when an optimizer is given."""
+    loss_sum, top1_sum, count = 0.0, 0.0, 0
+    head.train(optimizer is not None)
+    for features, y in batches:
         with torch.set_grad_enabled(optimizer is not None):
             logits = model.forward_head(features)  # pool -> fc_norm -> head, [B, C]
             loss = F.cross_entropy(logits, y)
@@ -77,7 +100,8 @@ def train_linear_probe(
         weight_decay: float = 0.01,
         reinit: bool = True,
         head_modules: tuple[str, ...] = HEAD_MODULES,
-        on_epoch=None,
+        cache_features: bool = False,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> ProbeResult:
     """Train ``fc_norm`` + ``head`` of ``model`` on its frozen encoder; keep the best validation cross-entropy.
 
@@ -86,6 +110,8 @@ def train_linear_probe(
         train_loader, val_loader: ``(inputs, labels)`` batches; with several views the first is used.
         epochs, lr, weight_decay: AdamW settings (official: 50, 5e-4, 0.01, constant LR).
         reinit: re-initialise the head modules first (the official probe starts from fresh layers).
+        cache_features: encode each loader once and reuse the features every epoch; only right when the
+            loaders give the same inputs every epoch (no augmentation).
         on_epoch: optional ``fn(epoch, metrics)`` called after every epoch (e.g. a progress bar).
 
     Returns:
@@ -97,11 +123,17 @@ def train_linear_probe(
     was_training = model.training
     model.eval()  # frozen encoder: no dropout / drop-path
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    if cache_features:
+        train_batches = _FeatureCache(model, train_loader)
+        val_batches = _FeatureCache(model, val_loader) if val_loader is not None else None
     best_state, best_loss, best_epoch, history = None, None, epochs, []
     for epoch in range(1, epochs + 1):
-        metrics = {f'train_{k}': v for k, v in _run_epoch(model, head, train_loader, optimizer).items()}
-        if val_loader is not None:
-            metrics.update({f'val_{k}': v for k, v in _run_epoch(model, head, val_loader).items()})
+        if not cache_features:
+            train_batches = _encoded(model, train_loader)
+            val_batches = _encoded(model, val_loader) if val_loader is not None else None
+        metrics = {f'train_{k}': v for k, v in _run_epoch(model, head, train_batches, optimizer).items()}
+        if val_batches is not None:
+            metrics.update({f'val_{k}': v for k, v in _run_epoch(model, head, val_batches).items()})
             if best_loss is None or metrics['val_loss'] < best_loss:
                 best_loss, best_epoch, best_state = metrics['val_loss'], epoch, copy.deepcopy(head.state_dict())
         history.append({'epoch': epoch, **metrics})

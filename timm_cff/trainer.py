@@ -241,13 +241,19 @@ class LocalTrainer:
         return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(self.num_views)])
 
     # ------------------------------------------------------------------------------------------------ epochs
-    def train_epoch(self, loader: Iterable) -> dict[str, float]:
-        """``step()`` over a loader of ``(views, labels)``; per-sample mean losses of the epoch."""
+    def train_epoch(self, loader: Iterable, on_step: Callable[[dict[str, Tensor]], None] | None = None
+                    ) -> dict[str, float]:
+        """``step()`` over a loader of ``(views, labels)``; per-sample mean losses of the epoch.
+
+        ``on_step`` receives every step's output dict (detached tensors), e.g. for a progress bar.
+        """
         totals, count = None, 0
         for batch in loader:
             views, labels = split_batch(batch)
-            out = self._update(views, labels) * len(labels)
-            totals, count = (out if totals is None else totals + out), count + len(labels)
+            rows = self._update(views, labels)
+            if on_step is not None:
+                on_step(self._as_dict(rows))
+            totals, count = (rows * len(labels) if totals is None else totals + rows * len(labels)), count + len(labels)
         self.end_epoch()
         return self._as_floats(totals, count)
 

@@ -1,0 +1,147 @@
+"""The command line end to end on tiny budgets: the quickstart, resume, probe/eval/export, and the refusals."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from timm_cff import load_encoder
+from timm_cff.cli import main
+from timm_cff.config import Config, iter_fields
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / 'examples' / 'configs' / 'quickstart.yaml')
+CIFAR = ROOT.parent / 'shared' / 'data' / 'cifar10_jpeg'
+TINY = ['--train.epochs=2', '--train.max_steps=2', '--probe.epochs=2', '--data.train_subset=200',
+        '--data.test_subset=64', '--data.batch_size=32', '--model.depth=2', '--model.embed_dim=32',
+        '--run.quiet=true']
+
+
+def train(tmp_path, *extra, name='r'):
+    return main(['train', '--config', QUICKSTART, *TINY, f'--run.output={tmp_path}', f'--run.name={name}', *extra])
+
+
+def final_weights(run: Path) -> dict:
+    return torch.load(run / 'checkpoints' / 'final.pt', weights_only=True)['model']
+
+
+def test_quickstart_smoke_run_writes_the_run_folder(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    run = tmp_path / 'r'
+    names = {p.name for p in run.iterdir()}
+    assert {'config.yaml', 'environment.json', 'metrics.csv', 'probe.csv', 'summary.json', 'checkpoints',
+            'export'} <= names
+    summary = json.loads((run / 'summary.json').read_text())
+    assert set(summary['test']) == {'loss', 'top1', 'top5'} and summary['best_epoch'] in (1, 2)
+    assert len((run / 'metrics.csv').read_text().strip().splitlines()) == 3  # header + 2 epochs
+    assert 'test accuracy: top1' in capsys.readouterr().out
+    model = load_encoder(run / 'export')
+    assert model.patch_embed.img_size == (28, 28) and model.pretrained_cfg['mean'] == [0.1307]
+    # the saved config is itself a valid --config, and eval reproduces the test accuracy from the run and export
+    assert main(['eval', str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"top1 {summary['test']['top1']:.2f}%" in out
+    assert main(['eval', str(run / 'export')]) == 0
+    assert f"top1 {summary['test']['top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    assert train(tmp_path, name='full') == 0
+    from timm_cff import engine
+    real = engine._stage2
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies after stage 1's checkpoints, before the probe
+
+    monkeypatch.setattr(engine, '_stage2', interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, '--train.epochs=1', name='part')
+    monkeypatch.setattr(engine, '_stage2', real)
+    # the interrupted run is configured for 1 epoch; finish it as the full one would have: same config required
+    with pytest.raises(SystemExit):
+        main(['train', '--resume'])
+    assert main(['train', '--resume', str(tmp_path / 'part'), '--train.epochs=2']) == 1  # different config refused
+    (tmp_path / 'part' / 'config.yaml').write_text((tmp_path / 'full' / 'config.yaml').read_text().replace(
+        'name: full', 'name: part'))
+    assert main(['train', '--resume', str(tmp_path / 'part')]) == 0
+    full, part = final_weights(tmp_path / 'full'), final_weights(tmp_path / 'part')
+    assert all(torch.equal(full[k], part[k]) for k in full)
+    s_full, s_part = (json.loads((tmp_path / n / 'summary.json').read_text()) for n in ('full', 'part'))
+    assert s_full['test'] == s_part['test'] and s_full['best_epoch'] == s_part['best_epoch']
+
+
+def test_probe_and_export_subcommands(tmp_path, capsys):
+    assert train(tmp_path) == 0
+    run = tmp_path / 'r'
+    assert main(['probe', str(run), '--probe.epochs=1']) == 0
+    assert len((run / 'probe.csv').read_text().strip().splitlines()) == 2
+    assert main(['export', str(run), '--out', str(tmp_path / 'e'), '--checkpoint', 'best']) == 0
+    best = torch.load(run / 'checkpoints' / 'best.pt', weights_only=True)['model']
+    exported = load_encoder(tmp_path / 'e').state_dict()
+    assert all(torch.equal(best[k], exported[k]) for k in best)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--data.dataset=npz', '--data.root=/nonexistent/folder'], 'train.npz not found'),
+    (['--model.img_size=32'], 'set model.img_size=28'),
+    (['--train.margin_schedule=zigzag'], 'Unknown margin schedule'),
+    (['--data.stats=cifar10'], 'normalisation channels'),
+])
+def test_bad_input_is_one_line_and_nonzero(tmp_path, capsys, args, message):
+    assert train(tmp_path, *args) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and 'Traceback' not in err
+
+
+def test_unknown_option_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train(tmp_path, '--train.epoch=3')
+    assert exit_info.value.code == 2 and '--train.epoch=3' in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_and_non_finite_loss(tmp_path, capsys, monkeypatch):
+    assert train(tmp_path, '--train.epochs=1') == 0
+    last = tmp_path / 'r' / 'checkpoints' / 'last.pt'
+    last.write_bytes(last.read_bytes()[:100])
+    assert main(['train', '--resume', str(tmp_path / 'r')]) == 1
+    assert 'may be corrupt' in capsys.readouterr().err
+    from timm_cff.loss import supcon
+    calls = {'n': 0}
+    real = supcon.marginal_supcon_loss
+
+    def nan_in_second_epoch(*args, **kwargs):
+        calls['n'] += 1
+        value = real(*args, **kwargs)
+        return value * float('nan') if calls['n'] > 8 else value  # 2 steps x 2 stages x (train + val) = epoch 1
+    monkeypatch.setattr(supcon, 'marginal_supcon_loss', nan_in_second_epoch)
+    assert train(tmp_path, name='nan') == 3
+    assert 'Non-finite loss' in capsys.readouterr().err
+    saved = torch.load(tmp_path / 'nan' / 'checkpoints' / 'last.pt', weights_only=True)
+    assert saved['state']['epoch'] == 1  # the last good checkpoint survives
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(['train', '--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    for key, _, value in iter_fields(Config()):
+        assert f'--{key}' in text and f'(default: {value!r})' in text, key
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, '-m', 'timm_cff', '--help'], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and 'train' in out.stdout and 'export' in out.stdout
+
+
+@pytest.mark.skipif(not (CIFAR / 'train.npz').exists(), reason='needs ../shared/data/cifar10_jpeg')
+def test_cifar10_npz_end_to_end(tmp_path):
+    args = ['train', '--data.dataset=npz', f'--data.root={CIFAR}', '--data.stats=cifar10', '--data.crop_padding=4',
+            '--data.train_subset=300', '--data.test_subset=100', '--data.batch_size=50', '--model.depth=2',
+            '--model.embed_dim=32', '--model.num_heads=2', '--train.epochs=1', '--probe.epochs=1',
+            f'--run.output={tmp_path}', '--run.name=c', '--run.quiet=true']
+    assert main(args) == 0
+    summary = json.loads((tmp_path / 'c' / 'summary.json').read_text())
+    assert summary['num_images'] == {'train': 270, 'val': 30, 'test': 100} and summary['num_classes'] == 10
+    assert load_encoder(tmp_path / 'c' / 'export').pretrained_cfg['mean'] == [0.4914, 0.4822, 0.4465]

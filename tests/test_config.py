@@ -1,0 +1,56 @@
+"""Config precedence, validation and the YAML round trip."""
+import pytest
+
+from timm_cff.config import Config, ConfigError, apply_overrides, load_config, parse_override, save_config
+
+
+def test_precedence_defaults_yaml_overrides(tmp_path):
+    path = tmp_path / 'recipe.yaml'
+    path.write_text('model:\n  depth: 7\ntrain:\n  epochs: 20\n  lr: 0.001\n')
+    cfg = load_config(path, {'train.epochs': 3})
+    assert cfg.model.depth == 7  # YAML over default
+    assert cfg.train.epochs == 3  # override over YAML
+    assert cfg.train.lr == 0.001 and cfg.model.embed_dim == Config().model.embed_dim  # untouched default
+
+
+def test_saved_config_is_a_valid_config(tmp_path):
+    cfg = load_config(None, {'data.mean': [0.5], 'model.kwargs': {'drop_rate': 0.1}, 'data.train_subset': 10})
+    save_config(cfg, tmp_path / 'config.yaml')
+    assert load_config(tmp_path / 'config.yaml') == cfg
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'train.epoch': 1}, "Unknown config key 'train.epoch'"),
+    ({'trian.epochs': 1}, "no section 'trian'"),
+    ({'train.epochs': 'ten'}, 'train.epochs must be int'),
+    ({'train.lr': True}, 'train.lr must be float'),
+    ({'run.quiet': 'yes'}, 'run.quiet must be bool'),
+    ({'train': 5}, "'train' is a section"),
+])
+def test_bad_keys_and_types_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Config(), overrides)
+
+
+def test_yaml_errors_name_the_key(tmp_path):
+    path = tmp_path / 'bad.yaml'
+    path.write_text('model:\n  dept: 3\n')
+    with pytest.raises(ConfigError, match="'model.dept'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match='does not exist'):
+        load_config(tmp_path / 'missing.yaml')
+
+
+def test_parse_override_values():
+    assert parse_override('train.epochs=5') == ('train.epochs', 5)
+    assert parse_override('--run.topk=[1, 5]') == ('run.topk', [1, 5])
+    assert parse_override('data.root=null') == ('data.root', None)
+    assert apply_overrides(Config(), dict([parse_override('train.lr=4e-3')])).train.lr == 0.004  # YAML: '4e-3'
+    with pytest.raises(ConfigError, match='--section.key=value'):
+        parse_override('train.epochs')
+
+
+def test_ints_are_accepted_for_floats_and_none_for_optionals():
+    cfg = apply_overrides(Config(), {'train.m0': 0, 'model.img_size': None, 'data.crop_padding': 2})
+    assert cfg.train.m0 == 0.0 and isinstance(cfg.train.m0, float)
+    assert cfg.model.img_size is None and cfg.data.crop_padding == 2

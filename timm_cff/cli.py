@@ -1,0 +1,165 @@
+"""``timm-cff``: train, probe, evaluate and export CFF runs from YAML recipes.
+
+    timm-cff train --config examples/configs/quickstart.yaml [--section.key=value ...]
+    timm-cff train --resume runs/NAME
+    timm-cff probe runs/NAME [--probe.epochs=10]
+    timm-cff eval runs/NAME | EXPORT_DIR [--data.root=...]
+    timm-cff export runs/NAME [--out DIR] [--checkpoint final|best]
+
+The only module that prints and configures logging.
+"""
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
+from .data import DataError
+from .engine import Progress, evaluate_export, evaluate_run, export_run, probe_run, train_run
+from .run import CheckpointError, RunDir
+from .trainer import NonFiniteLossError
+
+__all__ = ['main']
+
+_logger = logging.getLogger('timm_cff.cli')
+_EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError, TypeError)
+
+
+class TqdmProgress(Progress):
+    """tqdm bars with the per-block losses of the latest step."""
+
+    def __init__(self, refresh_every: int = 10):
+        self.refresh_every, self._count = refresh_every, 0
+
+    def bar(self, iterable=None, desc='', total=None):
+        from tqdm.auto import tqdm
+        return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+    def update(self, bar, values, advance=False):
+        self._count += 1
+        if advance:
+            bar.update(1)
+        if advance or self._count % self.refresh_every == 0:  # reading a tensor syncs the device: not every step
+            shown = {k.replace('loss_block', 'b'): f'{float(v):.3f}' for k, v in values.items()
+                     if k.startswith('loss_block') or k in ('loss', 'val_loss', 'val_top1')}
+            bar.set_postfix(shown, refresh=False)
+
+    def close(self, bar):
+        bar.close()
+
+    def message(self, text):
+        print(text, flush=True)
+
+
+class QuietProgress(Progress):
+    def message(self, text):
+        _logger.info(text)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--section.key`` option per config field, with its default in the help."""
+    groups: dict[str, Any] = {}
+    for key, field, value in iter_fields(Config()):
+        section = key.split('.')[0]
+        group = groups.setdefault(section, parser.add_argument_group(f'{section} options'))
+        group.add_argument(f'--{key}', dest=key, metavar='V', default=argparse.SUPPRESS,
+                           help=f'{field.metadata.get("help", "")} (default: {value!r})'.replace('%', '%%'))
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = {key for key, _, _ in iter_fields(Config())}
+    return dict(parse_override(f'{k}={v}') for k, v in vars(args).items() if k in keys)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='timm-cff', allow_abbrev=False, description='Layer-local training of '
+                                     'timm ViTs with Contrastive Forward-Forward (CFF).')
+    sub = parser.add_subparsers(dest='command', required=True)
+    train = sub.add_parser('train', allow_abbrev=False, help='stage 1 + probe + test + export', description='Train a run: stage 1 '
+                           '(layer-local), stage 2 (linear probe), test accuracy, timm export.')
+    train.add_argument('--config', help='YAML recipe (examples/configs/*.yaml); options below override it')
+    train.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from its last checkpoint')
+    _add_config_options(train)
+    probe = sub.add_parser('probe', allow_abbrev=False, help='redo stage 2 of a run', description='Redo the linear probe of a run on '
+                           'its best stage-1 encoder, then test and export again.')
+    probe.add_argument('run_dir')
+    _add_config_options(probe)
+    evaluate = sub.add_parser('eval', allow_abbrev=False, help='test accuracy of a run or an export folder')
+    evaluate.add_argument('path', help='a run folder or an export folder (config.json + model.safetensors)')
+    _add_config_options(evaluate)
+    export = sub.add_parser('export', allow_abbrev=False, help='write the timm folder of a run')
+    export.add_argument('run_dir')
+    export.add_argument('--out', help='output folder (default: RUN_DIR/export)')
+    export.add_argument('--checkpoint', choices=('final', 'best'), default='final',
+                        help="'final' (after the probe) or 'best' (stage 1 only) (default: final)")
+    return parser
+
+
+def _run_name(config_path: str | None) -> str:
+    stem = Path(config_path).stem if config_path else 'run'
+    return f'{stem}-{time.strftime("%Y%m%d-%H%M%S")}'
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = _overrides(args)
+    if args.resume:
+        if args.config:
+            raise ConfigError('--resume continues a run with its saved config; do not pass --config.')
+        cfg = load_config(RunDir(args.resume).config_path, overrides)
+        path = Path(args.resume)
+    else:
+        cfg = load_config(args.config, overrides)
+        path = Path(cfg.run.output) / (cfg.run.name or _run_name(args.config))
+    _setup_logging(cfg.run.quiet)
+    print(f'run folder: {path}', flush=True)
+    progress = QuietProgress() if cfg.run.quiet else TqdmProgress()
+    return train_run(cfg, path, resume=bool(args.resume), progress=progress)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format='%(message)s', force=True)
+
+
+def _apply(overrides: dict[str, Any]):
+    return (lambda cfg: apply_overrides(cfg, overrides)) if overrides else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(quiet=False)
+    try:
+        if args.command == 'train':
+            result = _train(args)
+        elif args.command == 'probe':
+            result = probe_run(args.run_dir, _apply(_overrides(args)), TqdmProgress())
+        elif args.command == 'eval':
+            path = Path(args.path)
+            result = evaluate_export(path, _overrides(args)) if (path / 'config.json').exists() else \
+                evaluate_run(path, _apply(_overrides(args)))
+        else:
+            result = {'export': str(export_run(args.run_dir, args.out, args.checkpoint))}
+    except NonFiniteLossError as e:
+        print(f'timm-cff: stopped: {e} The last good checkpoint is kept; fix the cause and use --resume.',
+              file=sys.stderr)
+        return 3
+    except _EXPECTED_ERRORS as e:
+        print(f'timm-cff: error: {e}', file=sys.stderr)
+        return 1
+    _print_result(result)
+    return 0
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    test = result.get('test', result)
+    accs = {k: v for k, v in test.items() if k.startswith('top')}
+    if accs:
+        print('test accuracy: ' + ', '.join(f'{k} {v:.2f}%' for k, v in accs.items()))
+    for key in ('export', 'wall_time_s'):
+        if result.get(key):
+            print(f'{key}: {result[key]}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

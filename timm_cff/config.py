@@ -1,0 +1,222 @@
+"""Run configuration: a dataclass tree with defaults < YAML file < ``--section.key=value`` overrides.
+
+Defaults are the official CFF hyperparameters (cff-method.md §8) for CIFAR-10 ViT[128 4 5]; the comments say where
+a value comes from. A resolved config written by ``save_config`` is itself a valid ``--config``.
+"""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ['Config', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ProbeConfig', 'RunConfig', 'ConfigError',
+           'load_config', 'save_config', 'apply_overrides', 'config_to_dict', 'iter_fields', 'flatten', 'parse_override']
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help text (shown by ``--help``); lists/dicts get a fresh copy per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={'help': help})
+    return field(default=default, metadata={'help': help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt('vit_tiny_patch16_224', 'timm architecture (any VisionTransformer); the fields below override it')
+    img_size: int | None = opt(None, 'input size; None: the dataset image size')
+    patch_size: int = opt(4, 'patch size (4 for 32 px, 8 for 64 px: 64 tokens as in the paper)')
+    embed_dim: int = opt(128, 'E of ViT[E H L]')
+    num_heads: int = opt(4, 'H of ViT[E H L]')
+    depth: int = opt(5, 'L of ViT[E H L]: number of blocks = stages')
+    mlp_ratio: float = opt(2.0, 'MLP hidden size / E (official: 2)')
+    global_pool: str = opt('avg', "pooling for the stage losses and the probe ('avg' = token mean, Eq. 13)")
+    class_token: bool = opt(False, 'prepend a class token (the CFF ViT has none)')
+    init: str = opt('torch', "'torch': PyTorch default init + pos_embed N(0, pos_embed_std) (official); 'timm'")
+    pos_embed_std: float = opt(1.0, "std of the pos_embed init with init='torch' (official: 1.0)")
+    patch_act: str = opt('', "'relu' after the patch projection (official code; such a model cannot be exported "
+                             "as stock timm) or '' (none)")
+    kwargs: dict = opt({}, 'extra keyword arguments for timm.create_model')
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt('cifar10', 'cifar10 | cifar100 | mnist | fashion_mnist (torchvision), npz (folder with '
+                                  'train.npz/test.npz), folder (ImageFolder tree), mnist_subset (bundled)')
+    root: str | None = opt(None, 'data folder; relative paths are also looked up under $TIMM_CFF_DATA')
+    download: bool = opt(False, 'let torchvision download the dataset')
+    train_split: str = opt('train', 'folder datasets: sub-folder with the training images')
+    test_split: str = opt('test', "folder datasets: sub-folder with the test images (Tiny ImageNet: 'val')")
+    stats: str = opt('auto', 'normalisation statistics: cifar10 | cifar100 | mnist | fashion_mnist | imagenet | '
+                             'auto (the dataset\'s own, or computed on the training split for npz/folder)')
+    mean: list = opt([], 'explicit per-channel mean (overrides stats)')
+    std: list = opt([], 'explicit per-channel std (overrides stats)')
+    val_fraction: float = opt(0.1, 'validation share of the training set (official 90/10 split)')
+    split_seed: int = opt(1, "seed of the split permutation (official: torch.manual_seed(trial), trial = 1)")
+    crop_padding: int | None = opt(None, 'RandomCrop padding; None: per dataset (CIFAR 4, Tiny ImageNet 6, MNIST 0)')
+    hflip: bool | None = opt(None, 'random horizontal flip; None: per dataset (on, except MNIST-like)')
+    randaugment: bool = opt(False, 'torchvision RandAugment before the crop (the "+RA" rows)')
+    ra_num_ops: int = opt(3, 'RandAugment num_ops (official 3)')
+    ra_magnitude: int = opt(14, 'RandAugment magnitude (official 14 of 31 bins)')
+    label_noise: float = opt(0.0, 'fraction of train+val labels replaced by a random wrong class (Table 4)')
+    data_fraction: float = opt(1.0, 'fraction of train+val kept (Table 4: 0.5 = 50% missing)')
+    corruption_seed: int = opt(0, 'seed of label_noise / data_fraction, separate from the split seed')
+    train_subset: int | None = opt(None, 'use only the first N images of the training file (quick runs)')
+    test_subset: int | None = opt(None, 'use only the first N test images (quick runs)')
+    batch_size: int = opt(512, 'batch size for train, validation, probe and test (official 512)')
+    workers: int = opt(0, 'DataLoader workers for per-sample work (RandAugment, folder decoding)')
+
+
+@dataclass
+class TrainConfig:
+    method: str = opt('cff', 'training method')
+    epochs: int = opt(600, 'stage-1 epochs; the best validation checkpoint acts as early stopping (official 600)')
+    lr: float = opt(4e-3, 'per-stage learning rate (official 4e-3)')
+    optimizer: str = opt('adamw', 'timm.optim name; adamw decays every parameter as the official code')
+    weight_decay: float = opt(0.01, 'weight decay (official 0.01 on all parameters)')
+    loss: str = opt('marginal_supcon', 'stage loss (timm_cff.list_losses())')
+    temperature: float = opt(0.15, 'contrastive temperature (official 0.15)')
+    margin_schedule: str = opt('linear', 'linear | parabolic | cosine | exponential')
+    m0: float = opt(0.4, 'first-stage margin (0 = plain CFF)')
+    m_last: float = opt(0.1, 'last-stage margin')
+    num_views: int = opt(2, '2 (CFF) or 1 (one-forward variant, Table 6)')
+    select_on: str = opt('last', "validation loss that picks the best checkpoint: 'last' stage (official) or 'sum'")
+    max_steps: int | None = opt(None, 'stop each epoch after N batches (smoke runs)')
+
+
+@dataclass
+class ProbeConfig:
+    epochs: int = opt(50, 'linear-probe epochs (official 50)')
+    lr: float = opt(5e-4, 'probe learning rate (official 5e-4)')
+    weight_decay: float = opt(0.01, 'probe weight decay (official 0.01)')
+
+
+@dataclass
+class RunConfig:
+    output: str = opt('runs', 'parent folder of run folders')
+    name: str | None = opt(None, 'run folder name; None: <config name>-<timestamp>')
+    seed: int = opt(1, 'seed of model init, augmentation and shuffling')
+    device: str = opt('auto', "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    topk: list = opt([1, 5, 10], 'top-k accuracies to report')
+    metric: str = opt('top1', "the paper's metric: top1 (MNIST, CIFAR-10), top5 (CIFAR-100), top10 (Tiny ImageNet)")
+    export: bool = opt(True, 'write the timm export folder at the end')
+    quiet: bool = opt(False, 'no progress bars')
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def iter_fields(config: Any, prefix: str = ''):
+    """``(dotted key, dataclass field, current value)`` for every leaf of a config tree."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from iter_fields(value, f'{prefix}{f.name}.')
+        else:
+            yield f'{prefix}{f.name}', f, value
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` checked against ``annotation`` (int, float, bool, str, list, dict, X | None); ints pass as floats."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads 4e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if annotation is bool and not isinstance(value, bool) or \
+            annotation is not bool and (not isinstance(value, annotation) or isinstance(value, bool)):
+        raise ConfigError(f'{key} must be {annotation.__name__}, got {value!r} ({type(value).__name__}).')
+    return value
+
+
+def _field_names(node: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(node)}
+
+
+def _set(config: Config, key: str, value: Any) -> None:
+    *path, name = key.split('.')
+    node = config
+    for part in path:
+        child = getattr(node, part) if part in _field_names(node) else None
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f'Unknown config key {key!r}: no section {".".join(path)!r}. Sections: '
+                              f'{", ".join(sorted(_field_names(config)))}.')
+        node = child
+    if name in _field_names(node) and dataclasses.is_dataclass(getattr(node, name)):
+        raise ConfigError(f'{key!r} is a section; set its keys, e.g. --{key}.{dataclasses.fields(getattr(node, name))[0].name}=...')
+    if name not in _field_names(node):
+        known = ', '.join(k for k, _, _ in iter_fields(node, ''.join(p + '.' for p in path)))
+        raise ConfigError(f'Unknown config key {key!r}. Known keys: {known}.')
+    setattr(node, name, _check_type(key, value, typing.get_type_hints(type(node))[name]))
+
+
+def flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+    """Nested sections -> dotted keys (``model.kwargs`` stays one value)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and f'{prefix}{k}' not in ('model.kwargs',):
+            out.update(flatten(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def apply_overrides(config: Config, values: dict[str, Any]) -> Config:
+    """Set dotted keys (``{'train.epochs': 5}``) or nested dicts on ``config``; unknown keys raise ``ConfigError``."""
+    for key, value in flatten(values).items():
+        _set(config, key, value)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'train.epochs=5'`` -> ``('train.epochs', 5)``; the value is parsed as YAML (numbers, bools, lists, null)."""
+    key, sep, raw = text.partition('=')
+    if not sep:
+        raise ConfigError(f'Override {text!r} must look like --section.key=value.')
+    try:
+        return key.strip().lstrip('-'), yaml.safe_load(raw) if raw.strip() else ''
+    except yaml.YAMLError as e:
+        raise ConfigError(f'Cannot parse the value of {key!r}: {e}') from e
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then ``overrides``."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f'Config file {path} does not exist.')
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{path} is not valid YAML: {e}') from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f'{path} must hold a mapping of sections (model:, data:, train:, ...).')
+        apply_overrides(config, tree)
+    return apply_overrides(config, overrides or {})
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))

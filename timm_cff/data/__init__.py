@@ -1,0 +1,17 @@
+"""Data: in-memory datasets, the paper's split/corruption protocol, batched on-device augmentation."""
+from .augment import STATS as STATS
+from .augment import BatchAugment as BatchAugment
+from .factory import PreparedData as PreparedData
+from .factory import create_loaders as create_loaders
+from .factory import prepare_data as prepare_data
+from .loader import ImageLoader as ImageLoader
+from .sources import ArrayDataset as ArrayDataset
+from .sources import DataError as DataError
+from .sources import list_datasets as list_datasets
+from .sources import load_dataset as load_dataset
+from .splits import corrupt_labels as corrupt_labels
+from .splits import keep_fraction as keep_fraction
+from .splits import split_train_val as split_train_val
+
+__all__ = ['STATS', 'BatchAugment', 'PreparedData', 'create_loaders', 'prepare_data', 'ImageLoader', 'ArrayDataset',
+           'DataError', 'list_datasets', 'load_dataset', 'corrupt_labels', 'keep_fraction', 'split_train_val']

@@ -1,0 +1,96 @@
+"""From a ``DataConfig`` to the loaders of a run: load, split 90/10, corrupt (Table 4), pick stats, build loaders."""
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DataConfig
+from .augment import STATS, BatchAugment
+from .loader import ImageLoader
+from .sources import DATASET_DEFAULTS, ArrayDataset, DataError, load_dataset
+from .splits import corrupt_labels, keep_fraction, split_train_val
+
+__all__ = ['PreparedData', 'prepare_data', 'create_loaders']
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """The three splits and everything the model and transforms need to know about them."""
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int
+    hflip: bool
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the images."""
+        return tuple(self.train.x.shape[1:])
+
+
+def _stats(cfg: DataConfig, train: ArrayDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if cfg.mean or cfg.std:
+        if len(cfg.mean) != len(cfg.std):
+            raise DataError(f'data.mean and data.std need one value per channel, got {cfg.mean} and {cfg.std}.')
+        return tuple(cfg.mean), tuple(cfg.std)
+    name = DATASET_DEFAULTS[cfg.dataset]['stats'] if cfg.stats == 'auto' else cfg.stats
+    if name == 'auto':  # npz / folder without a named dataset: measure the training split
+        pixels = train.x.float().div(255).transpose(0, 1).flatten(1)  # [C, N·H·W]
+        return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
+    if name not in STATS:
+        raise DataError(f'Unknown data.stats {name!r}. Known: auto, {", ".join(sorted(STATS))}.')
+    return STATS[name]
+
+
+def prepare_data(cfg: DataConfig) -> PreparedData:
+    """Load ``cfg.dataset`` and apply the paper's protocol; the test split is never corrupted."""
+    full, test = load_dataset(cfg.dataset, cfg.root, cfg.download, cfg.train_split, cfg.test_split)
+    if cfg.train_subset:
+        full = full.subset(torch.arange(min(cfg.train_subset, len(full))))
+    if cfg.test_subset:
+        test = test.subset(torch.arange(min(cfg.test_subset, len(test))))
+    num_classes = max(len(full.classes), int(full.y.max()) + 1)
+    train_idx, val_idx = split_train_val(len(full), cfg.val_fraction, cfg.split_seed)
+    train, val = full.subset(train_idx), full.subset(val_idx)
+    generator = torch.Generator().manual_seed(cfg.corruption_seed)
+    train, val = keep_fraction(train, cfg.data_fraction, generator), keep_fraction(val, cfg.data_fraction, generator)
+    if cfg.label_noise:
+        train.y = corrupt_labels(train.y, cfg.label_noise, num_classes, generator)
+        val.y = corrupt_labels(val.y, cfg.label_noise, num_classes, generator)
+    mean, std = _stats(cfg, train)
+    if len(mean) != full.x.shape[1]:
+        raise DataError(f'{len(mean)} normalisation channels for {full.x.shape[1]}-channel images; set data.stats '
+                        'or data.mean/data.std to match.')
+    defaults = DATASET_DEFAULTS[cfg.dataset]
+    padding = defaults['crop_padding'] if cfg.crop_padding is None else cfg.crop_padding
+    hflip = defaults['hflip'] if cfg.hflip is None else cfg.hflip
+    _logger.info('%s: %d train / %d val / %d test images of %s, %d classes', cfg.dataset, len(train), len(val),
+                 len(test), tuple(full.x.shape[1:]), num_classes)
+    return PreparedData(train, val, test, num_classes, mean, std, padding, hflip)
+
+
+def create_loaders(data: PreparedData, cfg: DataConfig, *, num_views: int, seed: int,
+                   device: torch.device | str = 'cpu') -> dict[str, ImageLoader]:
+    """Loaders of a run: ``train``/``val`` (stage 1, augmented, ``num_views``), ``probe_train``/``probe_val``
+    (augmented view 1, as the official probe), ``test`` (normalised only, in order)."""
+    augment = BatchAugment(data.mean, data.std, data.crop_padding, data.hflip)
+    plain = BatchAugment(data.mean, data.std, train=False)
+    randaugment = None
+    if cfg.randaugment:
+        from torchvision.transforms import v2
+        randaugment = v2.RandAugment(cfg.ra_num_ops, cfg.ra_magnitude)
+    common = dict(device=device, randaugment=randaugment, workers=cfg.workers)
+    return {
+        'train': ImageLoader(data.train, cfg.batch_size, augment, num_views=num_views, shuffle=True, seed=seed,
+                             **common),
+        'val': ImageLoader(data.val, cfg.batch_size, augment, num_views=num_views, shuffle=True, seed=seed + 1,
+                           **common),
+        'probe_train': ImageLoader(data.train, cfg.batch_size, augment, shuffle=True, seed=seed + 2, **common),
+        'probe_val': ImageLoader(data.val, cfg.batch_size, augment, shuffle=True, seed=seed + 3, **common),
+        'test': ImageLoader(data.test, cfg.batch_size, plain, device=device),
+    }

@@ -1,0 +1,94 @@
+"""``ImageLoader``: (views, labels) batches of an in-memory uint8 dataset, augmented in batches on the device.
+
+The per-image work the official pipeline does in DataLoader workers (crop, flip, normalise, twice per image) is
+done here on a whole batch with tensor ops, so data loading never dominates a step. RandAugment, which is
+per-image by nature, runs per sample on uint8 tensors (optionally in DataLoader workers) before the batched part.
+Every random draw depends only on (seed, epoch, sample), so results do not depend on the number of workers.
+"""
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import BatchAugment
+from .sources import ArrayDataset
+
+__all__ = ['ImageLoader']
+
+
+class _RandAugmentViews(Dataset):
+    """Sample ``i`` -> ``[V, C, H, W]`` uint8: V independent draws of ``transform``, seeded by (seed, i)."""
+
+    def __init__(self, x: Tensor, transform: Callable[[Tensor], Tensor], num_views: int, seed: int):
+        self.x, self.transform, self.num_views, self.seed = x, transform, num_views, seed
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> Tensor:
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG; keep it untouched
+            torch.manual_seed(self.seed * 1_000_003 + index)
+            return torch.stack([self.transform(self.x[index]) for _ in range(self.num_views)])
+
+
+class ImageLoader:
+    """Iterate ``(views, labels)``: views is a tuple of V float tensors ``[B, C, H, W]`` (one tensor when V = 1).
+
+    Args:
+        data: the images (uint8 ``[N, C, H, W]``) and labels.
+        batch_size: samples per batch; the last batch may be smaller (official: no drop_last).
+        augment: the batched crop/flip/normalise transform.
+        num_views: independent augmentations per image (2 for CFF).
+        shuffle: a fresh permutation every epoch.
+        seed: base seed of the shuffling and augmentation draws; ``set_epoch`` mixes in the epoch.
+        device: where batches are augmented and returned.
+        randaugment: optional per-image transform on uint8 ``[C, H, W]`` applied before ``augment``.
+        workers: DataLoader workers for ``randaugment``.
+    """
+
+    def __init__(self, data: ArrayDataset, batch_size: int, augment: BatchAugment, *, num_views: int = 1,
+                 shuffle: bool = False, seed: int = 0, device: torch.device | str = 'cpu',
+                 randaugment: Callable[[Tensor], Tensor] | None = None, workers: int = 0):
+        if batch_size < 1:
+            raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+        self.data, self.batch_size, self.augment = data, batch_size, augment
+        self.num_views, self.shuffle, self.seed = num_views, shuffle, seed
+        self.device = torch.device(device)
+        self.randaugment, self.workers = randaugment, workers
+        self.epoch = 0
+        # Small datasets live on the accelerator once, so a batch is an index operation there.
+        self._x = data.x if randaugment is not None else data.x.to(self.device)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.data) / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _epoch_seed(self) -> int:
+        return (self.seed * 1_000_003 + self.epoch) % (2 ** 62)
+
+    def _raw_batches(self, batches: list[Tensor]) -> Iterator[Tensor]:
+        """uint8 ``[B, C, H, W]`` (shared by the views) or ``[B, V, C, H, W]`` (per-view RandAugment)."""
+        if self.randaugment is None:
+            for index in batches:
+                yield self._x[index.to(self._x.device)]
+            return
+        dataset = _RandAugmentViews(self.data.x, self.randaugment, self.num_views, self._epoch_seed())
+        loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers,
+                            pin_memory=self.device.type == 'cuda')
+        yield from loader
+
+    def __iter__(self) -> Iterator[tuple[Tensor | tuple[Tensor, ...], Tensor]]:
+        generator = torch.Generator().manual_seed(self._epoch_seed())
+        n = len(self.data)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        batches = list(order.split(self.batch_size))
+        for index, raw in zip(batches, self._raw_batches(batches)):
+            raw = raw.to(self.device, non_blocking=True)
+            per_view = raw.unbind(1) if raw.dim() == 5 else [raw] * self.num_views
+            views = tuple(self.augment(v, generator) for v in per_view)
+            labels = self.data.y[index].to(self.device, non_blocking=True)
+            yield (views[0] if self.num_views == 1 else views), labels

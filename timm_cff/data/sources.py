@@ -1,0 +1,157 @@
+"""Datasets as in-memory uint8 arrays: torchvision sets, ``npz`` folders, ImageFolder trees, the bundled MNIST subset.
+
+Every source returns ``ArrayDataset(x uint8 [N, C, H, W], y int64 [N], classes)``; the loaders augment batches of it
+on the training device, so small datasets (CIFAR, MNIST, Tiny ImageNet at 1.2 GB) never wait on per-image decoding.
+"""
+import logging
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ['ArrayDataset', 'load_dataset', 'resolve_root', 'DATASET_DEFAULTS', 'list_datasets', 'DataError']
+
+_logger = logging.getLogger(__name__)
+
+#: Per-dataset protocol defaults (cff-method.md §7): normalisation stats name, crop padding, horizontal flip.
+DATASET_DEFAULTS = {
+    'cifar10': dict(stats='cifar10', crop_padding=4, hflip=True),
+    'cifar100': dict(stats='cifar100', crop_padding=4, hflip=True),
+    'mnist': dict(stats='mnist', crop_padding=0, hflip=False),
+    'fashion_mnist': dict(stats='fashion_mnist', crop_padding=0, hflip=False),
+    'mnist_subset': dict(stats='mnist', crop_padding=0, hflip=False),
+    'npz': dict(stats='auto', crop_padding=0, hflip=True),
+    'folder': dict(stats='auto', crop_padding=0, hflip=True),
+}
+
+_TORCHVISION = {'cifar10': 'CIFAR10', 'cifar100': 'CIFAR100', 'mnist': 'MNIST', 'fashion_mnist': 'FashionMNIST'}
+
+
+class DataError(ValueError):
+    """A dataset cannot be found or read; the message says what to do."""
+
+
+@dataclass
+class ArrayDataset:
+    """Images ``x`` uint8 ``[N, C, H, W]``, labels ``y`` int64 ``[N]`` and the class names."""
+    x: Tensor
+    y: Tensor
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: Tensor) -> 'ArrayDataset':
+        return ArrayDataset(self.x[index], self.y[index], self.classes)
+
+
+def list_datasets() -> list[str]:
+    return sorted(DATASET_DEFAULTS)
+
+
+def resolve_root(root: str | None, dataset: str) -> Path:
+    """``root`` as given if it exists, else under ``$TIMM_CFF_DATA``; default ``$TIMM_CFF_DATA`` or ``./data``."""
+    base = os.environ.get('TIMM_CFF_DATA')
+    if root is None:
+        return Path(base or 'data')
+    path = Path(root).expanduser()
+    if not path.exists() and base and not path.is_absolute() and (Path(base) / path).exists():
+        return Path(base) / path
+    return path
+
+
+def _from_nhwc(x: np.ndarray) -> Tensor:
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise DataError(f'Images must be uint8, got {x.dtype}.')
+    if x.ndim == 3:  # [N, H, W] grey
+        x = x[..., None]
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+
+
+def _classes(num_classes: int, names_file: Path | None = None) -> list[str]:
+    if names_file is not None and names_file.is_file():
+        return names_file.read_text().split()
+    return [str(c) for c in range(num_classes)]
+
+
+def _load_npz_file(path: Path) -> tuple[Tensor, Tensor]:
+    if not path.is_file():
+        raise DataError(f'{path} not found: an npz dataset folder holds train.npz and test.npz with arrays x '
+                        '(uint8 [N, H, W, C]) and y (int64 [N]).')
+    with np.load(path) as f:
+        if 'x' not in f or 'y' not in f:
+            raise DataError(f'{path} must hold arrays x and y, found {sorted(f.files)}.')
+        x, y = _from_nhwc(f['x']), torch.from_numpy(f['y'].astype(np.int64))
+    if len(x) != len(y):
+        raise DataError(f'{path}: {len(x)} images but {len(y)} labels.')
+    return x, y
+
+
+def _load_npz(root: Path) -> tuple[ArrayDataset, ArrayDataset]:
+    (x, y), (tx, ty) = _load_npz_file(root / 'train.npz'), _load_npz_file(root / 'test.npz')
+    classes = _classes(int(max(y.max(), ty.max())) + 1, root / 'classes.txt')
+    return ArrayDataset(x, y, classes), ArrayDataset(tx, ty, classes)
+
+
+def _load_bundled() -> tuple[ArrayDataset, ArrayDataset]:
+    with resources.as_file(resources.files('timm_cff.data') / 'mnist_subset.npz') as path:
+        with np.load(path) as f:
+            train = ArrayDataset(_from_nhwc(f['x_train']), torch.from_numpy(f['y_train']), [])
+            test = ArrayDataset(_from_nhwc(f['x_test']), torch.from_numpy(f['y_test']), [])
+    train.classes = test.classes = _classes(10)
+    return train, test
+
+
+def _load_torchvision(name: str, root: Path, download: bool) -> tuple[ArrayDataset, ArrayDataset]:
+    import torchvision
+    cls = getattr(torchvision.datasets, _TORCHVISION[name])
+    try:
+        splits = [cls(str(root), train=train, download=download) for train in (True, False)]
+    except RuntimeError as e:
+        raise DataError(f'{cls.__name__} not found under {root} ({e}). Pass --data.download=true (needs internet), '
+                        f'or --data.root=DIR pointing at a copy, or use --data.dataset=npz with a local npz folder.'
+                        ) from e
+    out = []
+    for ds in splits:
+        data = ds.data.numpy() if isinstance(ds.data, Tensor) else ds.data
+        out.append(ArrayDataset(_from_nhwc(data), torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes)))
+    return out[0], out[1]
+
+
+def _decode_folder(folder: Path, classes: list[str] | None = None) -> ArrayDataset:
+    """Every image of an ImageFolder tree, decoded once to uint8 (they must share one size)."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.io import ImageReadMode, decode_image
+    if not folder.is_dir():
+        raise DataError(f'Image folder {folder} does not exist; a folder dataset needs <root>/<split>/<class>/*.jpg.')
+    tree = ImageFolder(str(folder), loader=lambda p: p)
+    if classes is not None and tree.classes != classes:
+        raise DataError(f'{folder} has classes {tree.classes[:5]}..., the training split has {classes[:5]}...')
+    images = [decode_image(path, mode=ImageReadMode.RGB) for path, _ in tree.samples]
+    sizes = {tuple(im.shape) for im in images}
+    if len(sizes) != 1:
+        raise DataError(f'Images in {folder} have several sizes {sorted(sizes)[:3]}; resize them to one size first.')
+    return ArrayDataset(torch.stack(images), torch.tensor(tree.targets, dtype=torch.int64), tree.classes)
+
+
+def load_dataset(dataset: str, root: str | None = None, download: bool = False, train_split: str = 'train',
+                 test_split: str = 'test') -> tuple[ArrayDataset, ArrayDataset]:
+    """The full training set and the test set of ``dataset`` (see ``list_datasets()``)."""
+    if dataset not in DATASET_DEFAULTS:
+        raise DataError(f'Unknown dataset {dataset!r}. Known: {", ".join(list_datasets())}.')
+    path = resolve_root(root, dataset)
+    if dataset == 'mnist_subset':
+        return _load_bundled()
+    if dataset in _TORCHVISION:
+        return _load_torchvision(dataset, path, download)
+    if root is None:
+        raise DataError(f'--data.root is required for dataset {dataset!r}.')
+    if dataset == 'npz':
+        return _load_npz(path)
+    train = _decode_folder(path / train_split)
+    return train, _decode_folder(path / test_split, train.classes)
