@@ -1,4 +1,6 @@
 """Config precedence, validation and the YAML round trip."""
+from pathlib import Path
+
 import pytest
 
 from timm_cff.config import Config, ConfigError, apply_overrides, load_config, parse_override, save_config
@@ -54,3 +56,16 @@ def test_ints_are_accepted_for_floats_and_none_for_optionals():
     cfg = apply_overrides(Config(), {'train.m0': 0, 'model.img_size': None, 'data.crop_padding': 2})
     assert cfg.train.m0 == 0.0 and isinstance(cfg.train.m0, float)
     assert cfg.model.img_size is None and cfg.data.crop_padding == 2
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / 'examples' / 'configs').glob('*.yaml'))
+
+
+@pytest.mark.parametrize('recipe', RECIPES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_says_what_it_reproduces(recipe):
+    cfg = load_config(recipe)
+    header = recipe.read_text().split('\n', 3)
+    if recipe.name != 'quickstart.yaml':
+        assert 'Reproduces' in ''.join(header[:3]) and cfg.run.metric in ''.join(header[:3])
+        assert (cfg.data.batch_size, cfg.train.lr, cfg.probe.lr, cfg.train.temperature) == (512, 4e-3, 5e-4, 0.15)
+        assert cfg.model.mlp_ratio == 2 and cfg.train.epochs == 600 and cfg.probe.epochs == 50

@@ -148,3 +148,19 @@ def test_loaders_of_a_run_use_the_protocol(tmp_path):
     assert torch.equal(v1, v2_)  # MNIST: no crop, no flip, so both views are the plain image
     x, y = next(iter(loaders['test']))
     assert torch.equal(y, data.test.y[:50]) and x.shape == (50, 1, 28, 28)
+
+
+def test_tiny_imagenet_layout_is_prepared(tmp_path):
+    """train/<wnid>/images/*.JPEG plus a flat val/images with val_annotations.txt, as the official archive."""
+    root = tmp_path / 'tiny-imagenet-200'
+    lines = []
+    for k, wnid in enumerate(('n01', 'n02')):
+        (root / 'train' / wnid / 'images').mkdir(parents=True)
+        write_png(images(1, seed=k)[0], str(root / 'train' / wnid / 'images' / f'{wnid}_0.png'))
+        (root / 'val' / 'images').mkdir(parents=True, exist_ok=True)
+        write_png(images(1, seed=10 + k)[0], str(root / 'val' / 'images' / f'val_{k}.png'))
+        lines.append(f'val_{k}.png\t{wnid}\t0\t0\t8\t8')
+    (root / 'val' / 'val_annotations.txt').write_text('\n'.join(lines) + '\n')
+    train, test = load_dataset('folder', str(root), test_split='val_by_class')
+    assert train.classes == ['n01', 'n02'] and test.y.tolist() == [0, 1]
+    assert torch.equal(test.x[1], images(1, seed=11)[0])

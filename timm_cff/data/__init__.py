@@ -9,9 +9,10 @@ from .sources import ArrayDataset as ArrayDataset
 from .sources import DataError as DataError
 from .sources import list_datasets as list_datasets
 from .sources import load_dataset as load_dataset
+from .sources import prepare_tiny_imagenet as prepare_tiny_imagenet
 from .splits import corrupt_labels as corrupt_labels
 from .splits import keep_fraction as keep_fraction
 from .splits import split_train_val as split_train_val
 
 __all__ = ['STATS', 'BatchAugment', 'PreparedData', 'create_loaders', 'prepare_data', 'ImageLoader', 'ArrayDataset',
-           'DataError', 'list_datasets', 'load_dataset', 'corrupt_labels', 'keep_fraction', 'split_train_val']
+           'DataError', 'list_datasets', 'load_dataset', 'prepare_tiny_imagenet', 'corrupt_labels', 'keep_fraction', 'split_train_val']

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ['ArrayDataset', 'load_dataset', 'resolve_root', 'DATASET_DEFAULTS', 'list_datasets', 'DataError']
+__all__ = ['ArrayDataset', 'load_dataset', 'resolve_root', 'DATASET_DEFAULTS', 'list_datasets', 'DataError',
+           'prepare_tiny_imagenet']
 
 _logger = logging.getLogger(__name__)
 
@@ -139,6 +140,26 @@ def _decode_folder(folder: Path, classes: list[str] | None = None) -> ArrayDatas
     return ArrayDataset(torch.stack(images), torch.tensor(tree.targets, dtype=torch.int64), tree.classes)
 
 
+def prepare_tiny_imagenet(root: str | Path, out_split: str = 'val_by_class') -> Path:
+    """Link Tiny ImageNet's flat ``val/images`` into ``<root>/<out_split>/<wnid>/`` from ``val_annotations.txt``.
+
+    The official test split of the paper is this validation set (50 images per class); the originals are untouched.
+    """
+    root = Path(root)
+    annotations = root / 'val' / 'val_annotations.txt'
+    if not annotations.is_file():
+        raise DataError(f'{annotations} not found; is {root} the unpacked tiny-imagenet-200 folder?')
+    out = root / out_split
+    for line in annotations.read_text().splitlines():
+        image, wnid = line.split('\t')[:2]
+        target = out / wnid / image
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to((root / 'val' / 'images' / image).resolve())
+    _logger.info('Linked the Tiny ImageNet validation images into %s', out)
+    return out
+
+
 def load_dataset(dataset: str, root: str | None = None, download: bool = False, train_split: str = 'train',
                  test_split: str = 'test') -> tuple[ArrayDataset, ArrayDataset]:
     """The full training set and the test set of ``dataset`` (see ``list_datasets()``)."""
@@ -153,5 +174,7 @@ def load_dataset(dataset: str, root: str | None = None, download: bool = False, 
         raise DataError(f'--data.root is required for dataset {dataset!r}.')
     if dataset == 'npz':
         return _load_npz(path)
+    if not (path / test_split).exists() and (path / 'val' / 'val_annotations.txt').is_file():
+        prepare_tiny_imagenet(path, test_split)  # Tiny ImageNet ships its val split unsorted
     train = _decode_folder(path / train_split)
     return train, _decode_folder(path / test_split, train.classes)
