@@ -13,6 +13,9 @@ detached, so no gradient crosses stages (CFF paper, Alg. 1). The whole algorithm
 Stepping the optimizers after all backward passes gives the same updates as stepping each right after its
 backward: stage l+1's input was computed before stage l's update either way, and the parameter sets are disjoint.
 It also lets a non-finite loss be refused before any weight changes.
+
+``TrainerBase`` holds the run-loop protocol (step, epochs, evaluation, state) that every method shares; the
+baselines in ``timm_cff.baselines`` (FF, SymBa, FF-Collab, BP+CE) build on it too.
 """
 import inspect
 import logging
