@@ -3,6 +3,13 @@
 Aghagolzadeh & Ezoji, "Contrastive Forward-Forward: a training algorithm of Vision Transformer",
 Neural Networks 192:107867 (2025), arXiv 2502.00571.
 """
+from .baselines import BackpropTrainer as BackpropTrainer
+from .baselines import ForwardForwardTrainer as ForwardForwardTrainer
+from .baselines import OnePassClassifier as OnePassClassifier
+from .baselines import create_trainer as create_trainer
+from .baselines import list_methods as list_methods
+from .baselines import time_inference as time_inference
+from .baselines import train_one_pass_head as train_one_pass_head
 from .export import export_model as export_model
 from .export import load_encoder as load_encoder
 from .loss import create_loss as create_loss
@@ -14,6 +21,9 @@ from .margins import create_margins as create_margins
 from .margins import linear_margins as linear_margins
 from .metrics import accuracy as accuracy
 from .metrics import evaluate_accuracy as evaluate_accuracy
+from .mlp import MLP as MLP
+from .mlp import MlpStages as MlpStages
+from .mlp import create_mlp as create_mlp
 from .probe import ProbeResult as ProbeResult
 from .probe import train_linear_probe as train_linear_probe
 from .stages import StageAdapter as StageAdapter
@@ -22,9 +32,12 @@ from .stages import create_stages as create_stages
 from .stages import register_stages as register_stages
 from .trainer import LocalTrainer as LocalTrainer
 from .trainer import NonFiniteLossError as NonFiniteLossError
+from .trainer import TrainerBase as TrainerBase
 from .version import __version__ as __version__
 
 __all__ = [
+    'BackpropTrainer', 'ForwardForwardTrainer', 'OnePassClassifier', 'create_trainer', 'list_methods',
+    'time_inference', 'train_one_pass_head', 'MLP', 'MlpStages', 'create_mlp', 'TrainerBase',
     'export_model', 'load_encoder', 'create_loss', 'get_loss_class', 'list_losses', 'register_loss',
     'MarginSchedule', 'create_margins', 'linear_margins', 'accuracy', 'evaluate_accuracy', 'ProbeResult',
     'train_linear_probe', 'StageAdapter', 'VitStages', 'create_stages', 'register_stages', 'LocalTrainer',

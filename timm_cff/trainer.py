@@ -13,6 +13,9 @@ detached, so no gradient crosses stages (CFF paper, Alg. 1). The whole algorithm
 Stepping the optimizers after all backward passes gives the same updates as stepping each right after its
 backward: stage l+1's input was computed before stage l's update either way, and the parameter sets are disjoint.
 It also lets a non-finite loss be refused before any weight changes.
+
+``TrainerBase`` holds the run-loop protocol (step, epochs, evaluation, state) that every method shares; the
+baselines in ``timm_cff.baselines`` (FF, SymBa, FF-Collab, BP+CE) build on it too.
 """
 import inspect
 import logging
@@ -26,7 +29,7 @@ from .loss import create_loss
 from .margins import MarginSchedule, linear_margins, resolve_margins
 from .stages import StageAdapter, create_stages
 
-__all__ = ['LocalTrainer', 'NonFiniteLossError', 'split_batch']
+__all__ = ['LocalTrainer', 'TrainerBase', 'NonFiniteLossError', 'split_batch']
 
 _logger = logging.getLogger(__name__)
 
@@ -88,7 +91,146 @@ def _build_optimizer(params: list[nn.Parameter], optimizer: Any, lr: float, weig
     return create_optimizer_v2(params, opt=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
-class LocalTrainer:
+def _build_scheduler(optimizer: torch.optim.Optimizer, kwargs: dict):
+    from timm.scheduler import create_scheduler_v2
+    return create_scheduler_v2(optimizer, **kwargs)[0]
+
+
+class TrainerBase:
+    """The run-loop protocol every timm-cff trainer shares (layer-local CFF, the FF family, backpropagation).
+
+    A subclass sets ``model``, ``optimizers``, ``schedulers``, ``num_views`` and ``check_finite`` and implements
+    ``_update(views, labels)`` (one training step) and ``_evaluate_batch(views, labels)`` (the same statistics without
+    an update), both returning a detached tensor of per-batch means, ``_as_dict`` (that tensor as named 0-d tensors
+    holding at least ``'loss'``), ``selection_key`` and ``predict``. The base turns these into ``step``,
+    ``train_epoch``, ``evaluate``, ``end_epoch`` and ``state_dict``/``load_state_dict``.
+    """
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: Sequence = ()
+    num_views: int = 1
+    check_finite: bool = True
+    num_updates: int = 0
+    epoch: int = 0
+    selection_key: str  # the evaluate() entry whose minimum picks the best checkpoint
+    predict: Callable[[Tensor], Tensor]  # inputs [B, ...] -> class scores [B, C]
+    _update: Callable[[Any, Tensor], Tensor]  # (views, labels) -> detached per-batch statistics, after one update
+    _evaluate_batch: Callable[[Any, Tensor], Tensor]  # the same statistics without an update
+    _as_dict: Callable[[Tensor], dict[str, Tensor]]  # statistics -> {'loss': ..., ...}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def step(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """One update on a batch; ``{'loss': ..., ...}`` as detached 0-d tensors (no host sync)."""
+        return self._as_dict(self._update(views, labels))
+
+    # ------------------------------------------------------------------------------------------------ epochs
+    def train_epoch(self, loader: Iterable, on_step: Callable[[dict[str, Tensor]], None] | None = None
+                    ) -> dict[str, float]:
+        """``step()`` over a loader of ``(views, labels)``; per-sample means of the epoch.
+
+        ``on_step`` receives every step's output dict (detached tensors), e.g. for a progress bar.
+        """
+        totals, count = None, 0
+        for batch in loader:
+            views, labels = split_batch(batch)
+            rows = self._update(views, labels)
+            if on_step is not None:
+                on_step(self._as_dict(rows))
+            totals, count = (rows * len(labels) if totals is None else totals + rows * len(labels)), count + len(labels)
+        self.end_epoch()
+        return self._as_floats(totals, count)
+
+    def end_epoch(self) -> None:
+        """Advance the epoch counter and epoch-based schedulers."""
+        self.epoch += 1
+        for sched in self.schedulers:
+            sched.step(self.epoch)
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Per-sample means of the step statistics on a loader, without updates (eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        totals, count = None, 0
+        for batch in loader:
+            views, labels = split_batch(batch)
+            out = self._evaluate_batch(views, labels) * len(labels)
+            totals, count = (out if totals is None else totals + out), count + len(labels)
+        self.model.train(was_training)
+        return self._as_floats(totals, count)
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly: model, optimizers, schedulers and counters."""
+        return {
+            'model': self.model.state_dict(),
+            'optimizers': [opt.state_dict() for opt in self.optimizers],
+            'schedulers': [sched.state_dict() for sched in self.schedulers],
+            'num_updates': self.num_updates,
+            'epoch': self.epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state['optimizers']) != len(self.optimizers):
+            raise ValueError(f'The checkpoint has {len(state["optimizers"])} stage optimizers, this trainer has '
+                             f'{len(self.optimizers)}; it belongs to a model of another depth or another method.')
+        self.model.load_state_dict(state['model'])
+        for opt, opt_state in zip(self.optimizers, state['optimizers']):
+            opt.load_state_dict(opt_state)
+        for sched, sched_state in zip(self.schedulers, state.get('schedulers', [])):
+            sched.load_state_dict(sched_state)
+        self.num_updates = state['num_updates']
+        self.epoch = state.get('epoch', 0)
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def _begin_update(self) -> None:
+        self.model.train()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    def _finish_update(self, losses: Tensor) -> None:
+        """Refuse non-finite ``losses [K]`` before any weight changes, then step every optimizer and scheduler."""
+        if self.check_finite:
+            self._raise_if_not_finite(losses)
+        for opt in self.optimizers:
+            opt.step()
+        self.num_updates += 1
+        for sched in self.schedulers:
+            sched.step_update(num_updates=self.num_updates)
+
+    def _prepare(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Views -> one view-major ``[VB, ...]`` tensor on the model's device; labels checked against ``B``."""
+        views = [views] if isinstance(views, Tensor) else list(views)
+        if len(views) < self.num_views:
+            raise ValueError(f'The trainer uses {self.num_views} views per image but the batch has {len(views)}; '
+                             'give a tuple of views or set num_views=1.')
+        views = views[:self.num_views]
+        if any(v.shape != views[0].shape for v in views):
+            raise ValueError(f'All views must have one shape, got {[tuple(v.shape) for v in views]}.')
+        if not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != len(views[0]):
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f'Labels must be a [B] tensor with B = {len(views[0])} (the batch size), got {shape}.')
+        device = self.device
+        return torch.cat(views).to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def _raise_if_not_finite(self, losses: Tensor) -> None:
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):  # one host sync per step
+            stage = int((~finite).nonzero()[0])
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(stage, self.num_updates, float(losses[stage]))
+
+    def _as_floats(self, totals: Tensor | None, count: int) -> dict[str, float]:
+        if totals is None:
+            raise ValueError('The loader yielded no batches.')
+        return {k: float(v) for k, v in self._as_dict(totals / count).items()}
+
+
+class LocalTrainer(TrainerBase):
     """Layer-local training of an unmodified timm model with one loss and one optimizer per stage.
 
     Args:
@@ -144,7 +286,7 @@ class LocalTrainer:
         self.optimizers = [
             _build_optimizer(self.stages.stage_parameters(i), optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))
             for i in range(self.num_stages)]
-        self.schedulers = [self._build_scheduler(opt, scheduler) for opt in self.optimizers] if scheduler else []
+        self.schedulers = [_build_scheduler(opt, scheduler) for opt in self.optimizers] if scheduler else []
         self.num_views = num_views
         self.fuse_views = fuse_views
         self.check_finite = check_finite
@@ -152,15 +294,6 @@ class LocalTrainer:
         self.stage_metrics = dict(stage_metrics or {})
         self.num_updates = 0
         self.epoch = 0
-
-    @staticmethod
-    def _build_scheduler(optimizer: torch.optim.Optimizer, kwargs: dict):
-        from timm.scheduler import create_scheduler_v2
-        return create_scheduler_v2(optimizer, **kwargs)[0]
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     @property
     def selection_key(self) -> str:
@@ -190,18 +323,15 @@ class LocalTrainer:
     def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
         """The body of ``step()``: ``[1 + M, L]`` detached stage losses (row 0) and stage metrics."""
         x, labels = self._prepare(views, labels)
-        self.model.train()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+        self._begin_update()
         losses = self._stage_losses(x, labels, backward=True)
-        if self.check_finite:
-            self._raise_if_not_finite(losses[0])
-        for opt in self.optimizers:
-            opt.step()
-        self.num_updates += 1
-        for sched in self.schedulers:
-            sched.step_update(num_updates=self.num_updates)
+        self._finish_update(losses[0])
         return losses
+
+    def _evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
+        """``[1 + M, L]`` stage losses and metrics of a batch, without gradients or updates."""
+        x, labels = self._prepare(views, labels)
+        return self._stage_losses(x, labels, backward=False)
 
     def _stage_losses(self, x: Tensor, labels: Tensor, backward: bool) -> Tensor:
         """Run every stage on its detached input; ``[1 + M, L]``: losses (back-propagated if ``backward``), metrics."""
@@ -240,96 +370,10 @@ class LocalTrainer:
             return self.stages.forward_stage(index, h)
         return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(self.num_views)])
 
-    # ------------------------------------------------------------------------------------------------ epochs
-    def train_epoch(self, loader: Iterable, on_step: Callable[[dict[str, Tensor]], None] | None = None
-                    ) -> dict[str, float]:
-        """``step()`` over a loader of ``(views, labels)``; per-sample mean losses of the epoch.
-
-        ``on_step`` receives every step's output dict (detached tensors), e.g. for a progress bar.
-        """
-        totals, count = None, 0
-        for batch in loader:
-            views, labels = split_batch(batch)
-            rows = self._update(views, labels)
-            if on_step is not None:
-                on_step(self._as_dict(rows))
-            totals, count = (rows * len(labels) if totals is None else totals + rows * len(labels)), count + len(labels)
-        self.end_epoch()
-        return self._as_floats(totals, count)
-
-    def end_epoch(self) -> None:
-        """Advance the epoch counter and epoch-based schedulers."""
-        self.epoch += 1
-        for sched in self.schedulers:
-            sched.step(self.epoch)
-
-    @torch.no_grad()
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Per-sample mean stage losses on a loader, without updates (eval mode)."""
-        was_training = self.model.training
-        self.model.eval()
-        totals, count = None, 0
-        for batch in loader:
-            x, labels = self._prepare(*split_batch(batch))
-            out = self._stage_losses(x, labels, backward=False) * len(labels)
-            totals, count = (out if totals is None else totals + out), count + len(labels)
-        self.model.train(was_training)
-        return self._as_floats(totals, count)
-
-    # ----------------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: model, optimizers, schedulers and counters."""
-        return {
-            'model': self.model.state_dict(),
-            'optimizers': [opt.state_dict() for opt in self.optimizers],
-            'schedulers': [sched.state_dict() for sched in self.schedulers],
-            'num_updates': self.num_updates,
-            'epoch': self.epoch,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state['optimizers']) != len(self.optimizers):
-            raise ValueError(f'The checkpoint has {len(state["optimizers"])} stage optimizers, this trainer has '
-                             f'{len(self.optimizers)}; it belongs to a model of another depth.')
-        self.model.load_state_dict(state['model'])
-        for opt, opt_state in zip(self.optimizers, state['optimizers']):
-            opt.load_state_dict(opt_state)
-        for sched, sched_state in zip(self.schedulers, state.get('schedulers', [])):
-            sched.load_state_dict(sched_state)
-        self.num_updates = state['num_updates']
-        self.epoch = state.get('epoch', 0)
-
     # ----------------------------------------------------------------------------------------------- helpers
-    def _prepare(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Views -> one view-major ``[VB, ...]`` tensor on the model's device; labels checked against ``B``."""
-        views = [views] if isinstance(views, Tensor) else list(views)
-        if len(views) < self.num_views:
-            raise ValueError(f'The trainer uses {self.num_views} views per image but the batch has {len(views)}; '
-                             'give a tuple of views or set num_views=1.')
-        views = views[:self.num_views]
-        if any(v.shape != views[0].shape for v in views):
-            raise ValueError(f'All views must have one shape, got {[tuple(v.shape) for v in views]}.')
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != len(views[0]):
-            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f'Labels must be a [B] tensor with B = {len(views[0])} (the batch size), got {shape}.')
-        device = self.device
-        return torch.cat(views).to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-    def _raise_if_not_finite(self, losses: Tensor) -> None:
-        finite = torch.isfinite(losses)
-        if not bool(finite.all()):  # one host sync per step
-            stage = int((~finite).nonzero()[0])
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(stage, self.num_updates, float(losses[stage]))
-
     def _as_dict(self, rows: Tensor) -> dict[str, Tensor]:
         out = {'loss': rows[0].sum()}
         for name, row in zip(['loss', *self.stage_metrics], rows):
             out.update({f'{name}_block{i}': value for i, value in enumerate(row)})
         return out
 
-    def _as_floats(self, totals: Tensor | None, count: int) -> dict[str, float]:
-        if totals is None:
-            raise ValueError('The loader yielded no batches.')
-        return {k: float(v) for k, v in self._as_dict(totals / count).items()}

@@ -1,0 +1,186 @@
+"""Forward-Forward family baselines of the CFF paper (Tables 1-2): FF, SymBa and FF-Collab, one implementation.
+
+- FF (Hinton 2022; CFF paper Eq. 2): per stage, ``softplus(θ - G_pos)`` and ``softplus(G_neg - θ)`` with goodness
+  G the mean of squares of the pooled output and θ = 2.
+- SymBa (Lee & Song 2023; CFF paper Eq. 7): ``softplus(-α (G_pos - G_neg))``.
+- FF-Collab (Lorberbom et al., AAAI 2024): stage k's goodness is complemented by ``γ_k = Σ_{j≠k} G_j``, the
+  goodness of the other stages from a no-grad pass with the current weights, held constant, so gradients stay local.
+
+Positives carry the true label, negatives a fresh random wrong one. Each stage takes the previous output detached
+and L2-normalised, and has its own optimizer. A prediction runs C passes, one per candidate label, and scores a
+label by the goodness summed over stages 2..L (Hinton's choice and the official code's intent; stage 1 optionally).
+The checkpoint is selected on the sum of validation losses over the same stages, as the official code does.
+"""
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..loss import create_loss, goodness
+from ..stages import StageAdapter, create_stages
+from ..trainer import TrainerBase, _build_optimizer, _build_scheduler
+from .labels import create_labelled_stages, draw_negative_labels
+
+__all__ = ['ForwardForwardTrainer']
+
+_logger = logging.getLogger(__name__)
+
+
+class ForwardForwardTrainer(TrainerBase):
+    """FF, SymBa or FF-Collab training of a model with a registered label embedding (timm ViT, ``MLP``).
+
+    Args:
+        model: a timm ``VisionTransformer`` or an ``MLP`` (any model whose stage adapter has ``LabelledStages``).
+        loss: ``'ff'`` (θ-threshold, FF and FF-Collab) or ``'symba'``, a class or a partial; called as
+            ``loss(pos [B, D], neg [B, D], pos_offset [B], neg_offset [B])``.
+        lr: learning rate of every stage (4e-3, the official value for FF and SymBa).
+        collab: add the detached goodness of the other stages (FF-Collab).
+        num_classes: C; ``None`` takes ``model.num_classes``.
+        loss_kwargs: e.g. ``{'threshold': 2.0}`` or ``{'alpha': 1.0}``.
+        optimizer, weight_decay, optimizer_kwargs, scheduler: as for ``LocalTrainer``.
+        score_first_stage: include stage 1 in prediction scores and in the selection loss (the paper's literal
+            "all layers"); off by default, as Hinton and the official selection rule.
+        label_kwargs: family options, e.g. ``{'pos_std': 0.02}`` (ViT) or ``{'value': 1.0}`` (MLP).
+        normalize: unit L2 between stages per ``'sample'`` (official) or per ``'token'``.
+        seed: seeds the label patches and the negative labels (one generator, saved for exact resumption).
+        check_finite: refuse a NaN/inf loss before any weight changes.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            loss: str | Callable[..., nn.Module] = 'ff',
+            lr: float = 4e-3,
+            *,
+            collab: bool = False,
+            num_classes: int | None = None,
+            loss_kwargs: dict | None = None,
+            optimizer: str | Callable = 'adamw',
+            weight_decay: float = 0.01,
+            optimizer_kwargs: dict | None = None,
+            scheduler: dict | None = None,
+            score_first_stage: bool = False,
+            label_kwargs: dict | None = None,
+            normalize: str = 'sample',
+            seed: int = 0,
+            check_finite: bool = True,
+            stages: StageAdapter | None = None,
+    ):
+        self.model = model
+        self.stages = stages or create_stages(model)
+        self.num_stages = self.stages.num_stages
+        self.num_classes = num_classes if num_classes is not None else getattr(model, 'num_classes', 0)
+        self.scored_stages = list(range(0 if score_first_stage else 1, self.num_stages))
+        if not self.scored_stages:
+            raise ValueError('With one stage there are no stages 2..L to score; set score_first_stage=True.')
+        self.labelled = create_labelled_stages(self.stages, self.num_classes, seed=seed, normalize=normalize,
+                                               **(label_kwargs or {})).to(self.device)
+        self.losses = [create_loss(loss, **(loss_kwargs or {})) for _ in range(self.num_stages)]
+        self.collab = collab
+        params = [self.stages.stage_parameters(i) for i in range(self.num_stages)]
+        params[0] = params[0] + list(self.labelled.parameters())  # the label position embedding is stage 0's
+        self.optimizers = [_build_optimizer(p, optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))
+                           for p in params]
+        self.schedulers = [_build_scheduler(opt, scheduler) for opt in self.optimizers] if scheduler else []
+        self.num_views = 1
+        self.check_finite = check_finite
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)  # negatives of training steps
+        self._eval_generator = torch.Generator()  # negatives of evaluate(), re-seeded per call
+        self.num_updates = 0
+        self.epoch = 0
+
+    @property
+    def selection_key(self) -> str:
+        """``'loss_scored'``: the validation loss summed over the scored stages (2..L by default)."""
+        return 'loss_scored'
+
+    # ----------------------------------------------------------------------------------------------- the algorithm
+    def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
+        """One local update of every stage on positives and fresh negatives; ``[3, L]`` statistics."""
+        x, y = self._prepare(views, labels)
+        self._begin_update()
+        stats = self._stage_losses(x, y, self.generator, backward=True)
+        self._finish_update(stats[0])
+        return stats
+
+    def _evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
+        x, y = self._prepare(views, labels)
+        return self._stage_losses(x, y, self._eval_generator, backward=False)
+
+    def evaluate(self, loader) -> dict[str, float]:
+        """Per-sample mean losses and goodness on a loader; negatives come from a generator re-seeded per call,
+        so validation never moves the training draws."""
+        self._eval_generator.manual_seed(self.seed + 1)
+        return super().evaluate(loader)
+
+    def _stage_losses(self, x: Tensor, labels: Tensor, generator: torch.Generator, backward: bool) -> Tensor:
+        """``[3, L]``: every stage's loss and its mean positive and negative goodness, positives and negatives run
+        as one 2B batch (positives first)."""
+        negatives = draw_negative_labels(labels, self.num_classes, generator)
+        x2, y2 = torch.cat([x, x]), torch.cat([labels, negatives])
+        offsets = self._collab_offsets(x2, y2) if self.collab else None
+        h, columns = x2, []
+        for index in range(self.num_stages):
+            h, column = self.stage_step(index, h, y2, None if offsets is None else offsets[index], backward)
+            columns.append(column)
+        return torch.stack(columns, dim=1)
+
+    @torch.no_grad()
+    def _collab_offsets(self, x: Tensor, labels: Tensor) -> Tensor:
+        """FF-Collab's ``γ_k = Σ_{j≠k} G_j`` from a no-grad pass with the current weights: ``[L, 2B]``."""
+        g = self.labelled.goodness(x, labels)  # [L, 2B]
+        return g.sum(0, keepdim=True) - g
+
+    def stage_step(self, index: int, h: Tensor, labels: Tensor, offset: Tensor | None = None,
+                   backward: bool = True) -> tuple[Tensor, Tensor]:
+        """Stage ``index`` alone on a positive/negative batch: forward, loss and (with ``backward``) gradients.
+
+        Args:
+            h: ``[2B, ...]``, positives then negatives: the inputs (stage 0) or the previous stage's output.
+            labels: ``[2B]`` true then wrong labels (read by stage 0 only).
+            offset: ``[2B]`` goodness added before the loss (FF-Collab), or ``None``.
+
+        Returns:
+            The stage output ``[2B, ...]`` and ``[3]``: the detached loss, mean positive and negative goodness.
+        """
+        h = self.labelled.forward_stage(index, h, labels)
+        z_pos, z_neg = self.labelled.pool(h).chunk(2)  # [B, D] each
+        pos_offset, neg_offset = offset.chunk(2) if offset is not None else (0.0, 0.0)
+        loss = self.losses[index](z_pos, z_neg, pos_offset, neg_offset)
+        if backward:
+            loss.backward()  # the input was detached and the offsets carry no graph: stage `index` only
+        with torch.no_grad():
+            stats = torch.stack([loss.detach(), goodness(z_pos).mean(), goodness(z_neg).mean()])
+        return h, stats
+
+    # ----------------------------------------------------------------------------------------------- prediction
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Scores ``[B, C]``: for each candidate label, the goodness summed over the scored stages (C passes)."""
+        self.model.eval()
+        x = x.to(self.device)
+        scores = []
+        for label in range(self.num_classes):
+            labels = torch.full((len(x),), label, dtype=torch.long, device=x.device)
+            scores.append(self.labelled.goodness(x, labels)[self.scored_stages].sum(0))  # [B]
+        return torch.stack(scores, dim=1)
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizers, schedulers and counters, plus the label patches / position and the negatives' RNG."""
+        return {**super().state_dict(), 'labels': self.labelled.state_dict(),
+                'generator': self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.labelled.load_state_dict(state['labels'])
+        self.generator.set_state(state['generator'])
+
+    def _as_dict(self, stats: Tensor) -> dict[str, Tensor]:
+        out = {'loss': stats[0].sum(), 'loss_scored': stats[0, self.scored_stages].sum()}
+        for name, row in zip(('loss', 'goodness_pos', 'goodness_neg'), stats):
+            out.update({f'{name}_block{i}': value for i, value in enumerate(row)})
+        return out
