@@ -24,7 +24,7 @@ def train(tmp_path, *extra, name='r'):
 
 
 def final_weights(run: Path) -> dict:
-    return torch.load(run / 'checkpoints' / 'final.pt', weights_only=True)['model']
+    return torch.load(run / 'checkpoints' / 'final.pt', weights_only=True)['trainer']['model']
 
 
 def test_quickstart_smoke_run_writes_the_run_folder(tmp_path, capsys):
@@ -78,7 +78,7 @@ def test_probe_and_export_subcommands(tmp_path, capsys):
     assert main(['probe', str(run), '--probe.epochs=1']) == 0
     assert len((run / 'probe.csv').read_text().strip().splitlines()) == 2
     assert main(['export', str(run), '--out', str(tmp_path / 'e'), '--checkpoint', 'best']) == 0
-    best = torch.load(run / 'checkpoints' / 'best.pt', weights_only=True)['model']
+    best = torch.load(run / 'checkpoints' / 'best.pt', weights_only=True)['trainer']['model']
     exported = load_encoder(tmp_path / 'e').state_dict()
     assert all(torch.equal(best[k], exported[k]) for k in best)
 
@@ -145,3 +145,19 @@ def test_cifar10_npz_end_to_end(tmp_path):
     summary = json.loads((tmp_path / 'c' / 'summary.json').read_text())
     assert summary['num_images'] == {'train': 270, 'val': 30, 'test': 100} and summary['num_classes'] == 10
     assert load_encoder(tmp_path / 'c' / 'export').pretrained_cfg['mean'] == [0.4914, 0.4822, 0.4465]
+
+
+@pytest.mark.parametrize('method', ['cff', 'ff', 'symba', 'collab', 'bp'])
+@pytest.mark.parametrize('family', ['vit', 'mlp'])
+def test_every_method_runs_end_to_end(tmp_path, capsys, method, family):
+    extra = ['--model.name=mlp', '--model.embed_dim=16'] if family == 'mlp' else []
+    assert train(tmp_path, f'--train.method={method}', '--train.epochs=1', '--probe.epochs=1', *extra) == 0
+    run = tmp_path / 'r'
+    summary = json.loads((run / 'summary.json').read_text())
+    assert summary['method'] == method and 0.0 <= summary['test']['top1'] <= 100.0
+    assert ('test_one_pass_head' in summary) == (method in ('ff', 'symba', 'collab'))
+    assert (summary['export'] is not None) == (method in ('cff', 'bp') and family == 'vit')
+    assert main(['eval', str(run), '--timing']) == 0
+    out = capsys.readouterr().out
+    assert f"top1 {summary['test']['top1']:.2f}%" in out and 'inference one forward' in out
+    assert ('inference goodness c passes' in out) == (method in ('ff', 'symba', 'collab'))

@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_options(probe)
     evaluate = sub.add_parser('eval', allow_abbrev=False, help='test accuracy of a run or an export folder')
     evaluate.add_argument('path', help='a run folder or an export folder (config.json + model.safetensors)')
+    evaluate.add_argument('--timing', action='store_true', help='also report milliseconds per test image of the '
+                          'one-forward classifier and, for the FF family, of the C-pass prediction (Table 2)')
     _add_config_options(evaluate)
     export = sub.add_parser('export', allow_abbrev=False, help='write the timm folder of a run')
     export.add_argument('run_dir')
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == 'eval':
             path = Path(args.path)
             result = evaluate_export(path, _overrides(args)) if (path / 'config.json').exists() else \
-                evaluate_run(path, _apply(_overrides(args)))
+                evaluate_run(path, _apply(_overrides(args)), timing=args.timing)
         else:
             result = {'export': str(export_run(args.run_dir, args.out, args.checkpoint))}
     except NonFiniteLossError as e:
@@ -152,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_result(result: dict[str, Any]) -> None:
-    test = result.get('test', result)
-    accs = {k: v for k, v in test.items() if k.startswith('top')}
-    if accs:
-        print('test accuracy: ' + ', '.join(f'{k} {v:.2f}%' for k, v in accs.items()))
+    for name, label in (('test', 'test accuracy'), ('test_one_pass_head', 'test accuracy, one-pass head')):
+        accs = {k: v for k, v in result.get(name, {}).items() if k.startswith('top')}
+        if accs:
+            print(f'{label}: ' + ', '.join(f'{k} {v:.2f}%' for k, v in accs.items()))
+    for name, ms in result.get('timing_ms_per_image', {}).items():
+        print(f'inference {name.replace("_", " ")}: {ms:.4f} ms/image')
     for key in ('export', 'wall_time_s'):
         if result.get(key):
             print(f'{key}: {result[key]}')

@@ -29,7 +29,8 @@ def opt(default: Any, help: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = opt('vit_tiny_patch16_224', 'timm architecture (any VisionTransformer); the fields below override it')
+    name: str = opt('vit_tiny_patch16_224', "timm architecture (any VisionTransformer; the fields below override "
+                                           "it), or 'mlp' for MLP[E L] (embed_dim = E, depth = L)")
     img_size: int | None = opt(None, 'input size; None: the dataset image size')
     patch_size: int = opt(4, 'patch size (4 for 32 px, 8 for 64 px: 64 tokens as in the paper)')
     embed_dim: int = opt(128, 'E of ViT[E H L]')
@@ -75,9 +76,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = opt('cff', 'training method')
+    method: str = opt('cff', 'cff (CFF/CFF+M) | ff | symba | collab (FF-Collab) | bp (end-to-end cross-entropy)')
     epochs: int = opt(600, 'stage-1 epochs; the best validation checkpoint acts as early stopping (official 600)')
-    lr: float = opt(4e-3, 'per-stage learning rate (official 4e-3)')
+    lr: float | None = opt(None, 'learning rate; None: the official value of the method (4e-3 per stage, bp 5e-4)')
     optimizer: str = opt('adamw', 'timm.optim name; adamw decays every parameter as the official code')
     weight_decay: float = opt(0.01, 'weight decay (official 0.01 on all parameters)')
     loss: str = opt('marginal_supcon', 'stage loss (timm_cff.list_losses())')
@@ -85,14 +86,18 @@ class TrainConfig:
     margin_schedule: str = opt('linear', 'linear | parabolic | cosine | exponential')
     m0: float = opt(0.4, 'first-stage margin (0 = plain CFF)')
     m_last: float = opt(0.1, 'last-stage margin')
-    num_views: int = opt(2, '2 (CFF) or 1 (one-forward variant, Table 6)')
+    num_views: int = opt(2, 'cff: 2 views per image, or 1 (one-forward variant, Table 6); other methods use 1')
+    threshold: float = opt(2.0, 'ff/collab: goodness threshold θ (official 2, mean-of-squares goodness)')
+    alpha: float = opt(1.0, 'symba: α of Eq. 7 (official 1)')
+    score_first_stage: bool = opt(False, 'ff family: also score stage 1 in prediction and selection (paper: "all '
+                                         'layers"; default: stages 2..L as Hinton and the official code)')
     select_on: str = opt('last', "validation loss that picks the best checkpoint: 'last' stage (official) or 'sum'")
     max_steps: int | None = opt(None, 'stop each epoch after N batches (smoke runs)')
 
 
 @dataclass
 class ProbeConfig:
-    epochs: int = opt(50, 'linear-probe epochs (official 50)')
+    epochs: int = opt(50, 'linear-probe epochs (official 50); ff family: the one-pass head; bp: unused')
     lr: float = opt(5e-4, 'probe learning rate (official 5e-4)')
     weight_decay: float = opt(0.01, 'probe weight decay (official 0.01)')
 

@@ -1,5 +1,6 @@
-"""The whole pipeline of a run: stage 1 (layer-local training with per-epoch validation and best-checkpoint
-selection), stage 2 (linear probe), test evaluation (top-k) and the timm export. The CLI is a thin layer over this.
+"""The whole pipeline of a run: stage 1 (training with per-epoch validation and best-checkpoint selection),
+stage 2 (linear probe; the one-pass head for the FF family), test evaluation (top-k) and the timm export.
+Every method of ``timm_cff.baselines.create_trainer`` runs through the same code. The CLI is a thin layer over this.
 """
 import json
 import logging
@@ -13,20 +14,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from .baselines import create_trainer, time_inference, train_one_pass_head
 from .config import Config, apply_overrides
 from .data import PreparedData, create_loaders, prepare_data
 from .export import METADATA_FILE, export_model, load_encoder
 from .margins import MarginSchedule
-from .metrics import evaluate_accuracy
+from .metrics import evaluate_accuracy, first_view
 from .models import create_model
 from .probe import train_linear_probe
 from .run import RunDir
-from .trainer import LocalTrainer
 
-__all__ = ['train_run', 'probe_run', 'evaluate_run', 'evaluate_export', 'export_run', 'build_trainer', 'resolve_device', 'seed_all',
-           'Progress']
+__all__ = ['train_run', 'probe_run', 'evaluate_run', 'evaluate_export', 'export_run', 'build_trainer',
+           'resolve_device', 'seed_all', 'Progress', 'FF_METHODS']
 
 _logger = logging.getLogger(__name__)
+
+#: Methods trained with label tokens / one-hot labels and predicted by goodness over C passes.
+FF_METHODS = ('ff', 'symba', 'collab')
 
 
 class Progress:
@@ -61,15 +65,21 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_trainer(cfg: Config, model: nn.Module) -> LocalTrainer:
-    """The stage-1 trainer of ``cfg.train.method``."""
+def build_trainer(cfg: Config, model: nn.Module):
+    """The stage-1 trainer of ``cfg.train.method`` with the run's hyperparameters."""
     t = cfg.train
-    if t.method != 'cff':
-        raise ValueError(f"Unknown train.method {t.method!r}. Known: cff.")
-    margins = MarginSchedule(t.margin_schedule, t.m0, t.m_last) if t.loss == 'marginal_supcon' else None
-    return LocalTrainer(model, loss=t.loss, margins=margins, lr=t.lr, loss_kwargs={'temperature': t.temperature},
-                        optimizer=t.optimizer, weight_decay=t.weight_decay, num_views=t.num_views,
-                        select_on=t.select_on)
+    common = dict(optimizer=t.optimizer, weight_decay=t.weight_decay)
+    if t.lr is not None:
+        common['lr'] = t.lr
+    if t.method == 'cff':
+        margins = MarginSchedule(t.margin_schedule, t.m0, t.m_last) if t.loss == 'marginal_supcon' else None
+        return create_trainer('cff', model, loss=t.loss, margins=margins, loss_kwargs={'temperature': t.temperature},
+                              num_views=t.num_views, select_on=t.select_on, **common)
+    if t.method in FF_METHODS:
+        loss_kwargs = {'alpha': t.alpha} if t.method == 'symba' else {'threshold': t.threshold}
+        return create_trainer(t.method, model, loss_kwargs=loss_kwargs, score_first_stage=t.score_first_stage,
+                              seed=cfg.run.seed, **common)
+    return create_trainer(t.method, model, **common)
 
 
 def _limit(loader: Iterable, max_steps: int | None) -> Iterable:
@@ -92,18 +102,41 @@ def _data_config(data: PreparedData) -> dict[str, Any]:
 
 
 class _Setup:
-    """Data, model and trainer of a run, built identically for a fresh start and for a resume."""
+    """Data, model, trainer and loaders of a run, built identically for a fresh start, a resume and evaluation.
+
+    ``classifier`` is what classifies in one forward pass: the model itself (CFF, BP), or the FF family's one-pass
+    head once stage 2 has built it.
+    """
 
     def __init__(self, cfg: Config):
+        self.cfg = cfg
         self.device = resolve_device(cfg.run.device)
         seed_all(cfg.run.seed)
         self.data = prepare_data(cfg.data)
-        self.loaders = create_loaders(self.data, cfg.data, num_views=cfg.train.num_views, seed=cfg.run.seed,
-                                      device=self.device)
         self.model = create_model(cfg.model, self.data.num_classes, self.data.input_size)
         _check_input_size(self.model, self.data)
         self.model.to(self.device)
         self.trainer = build_trainer(cfg, self.model)
+        self.loaders = create_loaders(self.data, cfg.data, num_views=self.trainer.num_views, seed=cfg.run.seed,
+                                      device=self.device)
+        self.classifier: nn.Module | None = None if cfg.train.method in FF_METHODS else self.model
+
+    @property
+    def is_ff(self) -> bool:
+        return self.cfg.train.method in FF_METHODS
+
+    def load(self, run: RunDir, checkpoint: str) -> None:
+        """Trainer state (model + method extras) of ``best`` or ``final``; ``final`` also holds the FF head."""
+        saved = run.load_checkpoint(checkpoint)
+        self.trainer.load_state_dict(saved['trainer'])
+        if saved.get('head') is not None:
+            self._one_pass_head().head.load_state_dict(saved["head"])
+
+    def _one_pass_head(self) -> nn.Module:
+        if self.classifier is None:
+            from .baselines import OnePassClassifier
+            self.classifier = OnePassClassifier.from_trainer(self.trainer)
+        return self.classifier
 
 
 def _stage1(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict[str, Any]:
@@ -121,15 +154,16 @@ def _stage1(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict
         start = time.perf_counter()
         loaders['train'].set_epoch(epoch)
         loaders['val'].set_epoch(epoch)
+        steps = min(len(loaders['train']), cfg.train.max_steps or len(loaders['train']))
         bar = progress.bar(_limit(loaders['train'], cfg.train.max_steps), f'epoch {epoch + 1}/{cfg.train.epochs}',
-                           total=min(len(loaders['train']), cfg.train.max_steps or len(loaders['train'])))
+                           total=steps)
         train = trainer.train_epoch(bar, on_step=lambda out: progress.update(bar, out))
         progress.close(bar)
         val = trainer.evaluate(_limit(loaders['val'], cfg.train.max_steps))
         seconds = time.perf_counter() - start
         if state['best_loss'] is None or val[key] < state['best_loss']:
             state.update(best_loss=val[key], best_epoch=epoch + 1)
-            run.save_checkpoint('best', {'model': setup.model.state_dict(), 'epoch': epoch + 1})
+            run.save_checkpoint('best', {'trainer': trainer.state_dict(), 'epoch': epoch + 1})
         state.update(epoch=epoch + 1, time_s=state['time_s'] + seconds)
         run.save_checkpoint('last', {'trainer': trainer.state_dict(), 'rng': torch.get_rng_state(), 'state': state})
         run.append_row('metrics.csv', {'epoch': epoch + 1, 'time_s': round(seconds, 3),
@@ -137,15 +171,20 @@ def _stage1(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict
                                        **{f'train_{k}': v for k, v in train.items()},
                                        **{f'val_{k}': v for k, v in val.items()}})
         progress.message(f'epoch {epoch + 1}: train loss {train["loss"]:.4f}, val {key} {val[key]:.4f}'
-                       f'{" (best)" if state["best_epoch"] == epoch + 1 else ""}, {seconds:.1f}s')
+                         f'{" (best)" if state["best_epoch"] == epoch + 1 else ""}, {seconds:.1f}s')
     return state
 
 
-def _stage2(cfg: Config, run: RunDir, model: nn.Module, loaders: dict, progress: Progress) -> dict[str, Any]:
-    """Linear probe on the best stage-1 encoder; deterministic, so a resumed run simply redoes it."""
-    model.load_state_dict(run.load_checkpoint('best')['model'])
+def _stage2(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict[str, Any]:
+    """The probe (CFF) or one-pass head (FF family) on the best stage-1 model; deterministic, so a resumed run
+    simply redoes it. BP's classifier is trained end to end and needs no stage 2."""
+    setup.load(run, 'best')
+    loaders = setup.loaders
+    if cfg.train.method == 'bp' or cfg.probe.epochs == 0:
+        run.save_checkpoint('final', {'trainer': setup.trainer.state_dict()})
+        return {}
     seed_all(cfg.run.seed + 2)
-    bar = progress.bar(desc='probe', total=cfg.probe.epochs)
+    bar = progress.bar(desc='probe' if not setup.is_ff else 'one-pass head', total=cfg.probe.epochs)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         for name in ('probe_train', 'probe_val'):
@@ -156,34 +195,52 @@ def _stage2(cfg: Config, run: RunDir, model: nn.Module, loaders: dict, progress:
     (run.path / 'probe.csv').unlink(missing_ok=True)
     for name in ('probe_train', 'probe_val'):
         loaders[name].set_epoch(0)
-    # Without augmentation the probe sees the same inputs every epoch: encode them once.
-    fixed_inputs = not (cfg.data.randaugment or loaders['probe_train'].augment.padding or
-                        loaders['probe_train'].augment.hflip)
-    result = train_linear_probe(model, loaders['probe_train'], loaders['probe_val'], epochs=cfg.probe.epochs,
-                                lr=cfg.probe.lr, weight_decay=cfg.probe.weight_decay, cache_features=fixed_inputs,
-                                on_epoch=on_epoch)
+    kwargs = dict(epochs=cfg.probe.epochs, lr=cfg.probe.lr, weight_decay=cfg.probe.weight_decay, on_epoch=on_epoch)
+    if setup.is_ff:
+        setup.classifier, result = train_one_pass_head(setup.trainer, loaders['probe_train'], loaders['probe_val'],
+                                                       **kwargs)
+    else:
+        # Without augmentation the probe sees the same inputs every epoch: encode them once.
+        augment = loaders['probe_train'].augment
+        fixed = not (cfg.data.randaugment or augment.padding or augment.hflip)
+        result = train_linear_probe(setup.model, loaders['probe_train'], loaders['probe_val'],
+                                    cache_features=fixed, **kwargs)
     progress.close(bar)
-    run.save_checkpoint('final', {'model': model.state_dict()})
-    progress.message(f'probe: best epoch {result.best_epoch}, val loss {result.best_val_loss:.4f}')
+    head = setup.classifier.head.state_dict() if setup.is_ff else None
+    run.save_checkpoint('final', {'trainer': setup.trainer.state_dict(), 'head': head})
+    progress.message(f'stage 2: best epoch {result.best_epoch}, val loss {result.best_val_loss:.4f}')
     return {'best_epoch': result.best_epoch, 'best_val_loss': result.best_val_loss}
 
 
-def _finish(cfg: Config, run: RunDir, model: nn.Module, setup_data: PreparedData, test_loader, summary: dict,
-            progress: Progress) -> dict[str, Any]:
-    test = evaluate_accuracy(model, test_loader, topk=cfg.run.topk)
-    summary['test'] = test
-    summary['metric'] = {cfg.run.metric: test.get(cfg.run.metric)}
-    if cfg.run.export:
+def _test(cfg: Config, setup: _Setup) -> dict[str, Any]:
+    """Test top-k: the one-forward classifier; for the FF family also the C-pass goodness prediction (``test``)."""
+    out = {}
+    if setup.classifier is not None:
+        out['test'] = evaluate_accuracy(setup.classifier, setup.loaders['test'], topk=cfg.run.topk)
+    if setup.is_ff:
+        if 'test' in out:
+            out['test_one_pass_head'] = out.pop('test')
+        out['test'] = evaluate_accuracy(setup.trainer.predict, setup.loaders['test'], topk=cfg.run.topk,
+                                        device=setup.device)
+    return out
+
+
+def _finish(cfg: Config, run: RunDir, setup: _Setup, summary: dict, progress: Progress) -> dict[str, Any]:
+    summary.update(_test(cfg, setup))
+    summary['metric'] = {cfg.run.metric: summary['test'].get(cfg.run.metric)}
+    summary['export'] = None
+    if cfg.run.export and not setup.is_ff:
         try:
-            export_model(model, run.export_path, data_config=_data_config(setup_data),
-                         metadata={'method': cfg.train.method, 'test': test, 'config': str(run.config_path),
-                                   'data': vars(cfg.data)})
+            export_model(setup.model, run.export_path, data_config=_data_config(setup.data),
+                         metadata={'method': cfg.train.method, 'test': summary['test'], 'data': vars(cfg.data)})
             summary['export'] = str(run.export_path)
-        except ValueError as e:  # e.g. model.patch_act='relu': not a stock timm model
-            _logger.warning('No timm export: %s', e)
-            summary['export'] = None
+        except (TypeError, ValueError) as e:  # an MLP or a patch-ReLU ViT is no stock timm model
+            _logger.warning('No timm export: %s Its weights are in %s.', e, run.checkpoint_path('final'))
     run.write_json('summary.json', summary)
-    progress.message('test: ' + ', '.join(f'{k} {v:.2f}' for k, v in test.items() if k.startswith('top')))
+    for name in ('test', 'test_one_pass_head'):
+        if name in summary:
+            scores = ', '.join(f'{k} {v:.2f}' for k, v in summary[name].items() if k.startswith('top'))
+            progress.message(f'{name.replace("_", " ")}: {scores}')
     return summary
 
 
@@ -199,27 +256,22 @@ def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress:
     wall = time.perf_counter()
     setup = _Setup(cfg)
     stage1 = _stage1(cfg, run, setup, progress)
-    probe = _stage2(cfg, run, setup.model, setup.loaders, progress)
-    summary = {'run': str(run.path), 'best_epoch': stage1['best_epoch'], 'best_val_loss': stage1['best_loss'],
-               'selection_key': setup.trainer.selection_key, 'stage1_time_s': round(stage1['time_s'], 2),
-               'probe': probe, 'num_classes': setup.data.num_classes,
-               'num_images': {k: len(getattr(setup.data, k)) for k in ('train', 'val', 'test')},
-               'wall_time_s': None}
-    summary = _finish(cfg, run, setup.model, setup.data, setup.loaders['test'], summary, progress)
+    stage2 = _stage2(cfg, run, setup, progress)
+    summary = {'run': str(run.path), 'method': cfg.train.method, 'best_epoch': stage1['best_epoch'],
+               'best_val_loss': stage1['best_loss'], 'selection_key': setup.trainer.selection_key,
+               'stage1_time_s': round(stage1['time_s'], 2), 'stage2': stage2, 'num_classes': setup.data.num_classes,
+               'num_images': {k: len(getattr(setup.data, k)) for k in ('train', 'val', 'test')}}
+    summary = _finish(cfg, run, setup, summary, progress)
     summary['wall_time_s'] = round(time.perf_counter() - wall, 2)
     run.write_json('summary.json', summary)
     return summary
 
 
-def _model_and_data(run: RunDir, checkpoint: str, overrides: Callable[[Config], None] | None = None):
+def _setup_from_run(run: RunDir, overrides: Callable[[Config], None] | None = None) -> tuple[Config, _Setup]:
     cfg = run.read_config()
     if overrides is not None:
         overrides(cfg)
-    setup_device = resolve_device(cfg.run.device)
-    data = prepare_data(cfg.data)
-    model = create_model(cfg.model, data.num_classes, data.input_size)
-    model.load_state_dict(run.load_checkpoint(checkpoint)['model'])
-    return cfg, data, model.to(setup_device), setup_device
+    return cfg, _Setup(cfg)
 
 
 def probe_run(run_path: str | Path, overrides: Callable[[Config], None] | None = None,
@@ -227,22 +279,37 @@ def probe_run(run_path: str | Path, overrides: Callable[[Config], None] | None =
     """Redo stage 2 of a run (e.g. with other ``probe.*`` settings), then test and export again."""
     progress = progress or Progress()
     run = RunDir(run_path)
-    cfg, data, model, device = _model_and_data(run, 'best', overrides)
-    loaders = create_loaders(data, cfg.data, num_views=1, seed=cfg.run.seed, device=device)
+    cfg, setup = _setup_from_run(run, overrides)
     summary = run.read_json('summary.json') if (run.path / 'summary.json').exists() else {'run': str(run.path)}
-    summary['probe'] = _stage2(cfg, run, model, loaders, progress)
-    return _finish(cfg, run, model, data, loaders['test'], summary, progress)
+    summary['stage2'] = _stage2(cfg, run, setup, progress)
+    return _finish(cfg, run, setup, summary, progress)
 
 
-def evaluate_run(run_path: str | Path, overrides: Callable[[Config], None] | None = None) -> dict[str, float]:
-    """Test accuracy of a finished run (its probed model)."""
+def evaluate_run(run_path: str | Path, overrides: Callable[[Config], None] | None = None,
+                 timing: bool = False) -> dict[str, Any]:
+    """Test accuracy of a finished run; with ``timing``, milliseconds per test image of each way to predict."""
     run = RunDir(run_path)
-    cfg, data, model, device = _model_and_data(run, 'final', overrides)
-    loaders = create_loaders(data, cfg.data, num_views=1, seed=cfg.run.seed, device=device)
-    return evaluate_accuracy(model, loaders['test'], topk=cfg.run.topk)
+    cfg, setup = _setup_from_run(run, overrides)
+    setup.load(run, 'final')
+    result = _test(cfg, setup)
+    if timing:
+        result['timing_ms_per_image'] = _timing(setup)
+    return result
 
 
-def evaluate_export(export_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, float]:
+def _timing(setup: _Setup) -> dict[str, float]:
+    """Table 2's inference time per image, one test batch, every predictor measured the same way."""
+    x = first_view(next(iter(setup.loaders['test']))[0])
+    timings = {}
+    if setup.classifier is not None:
+        setup.classifier.eval()
+        timings['one_forward'] = time_inference(setup.classifier, x)
+    if setup.is_ff:
+        timings['goodness_c_passes'] = time_inference(setup.trainer.predict, x)
+    return timings
+
+
+def evaluate_export(export_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Test accuracy of an export folder; the dataset comes from its ``timm_cff.json`` and ``overrides``."""
     export_path = Path(export_path)
     meta_path = export_path / METADATA_FILE
@@ -254,12 +321,16 @@ def evaluate_export(export_path: str | Path, overrides: dict[str, Any] | None = 
     device = resolve_device(cfg.run.device)
     data = prepare_data(cfg.data)
     loaders = create_loaders(data, cfg.data, num_views=1, seed=cfg.run.seed, device=device)
-    return evaluate_accuracy(model.to(device), loaders['test'], topk=cfg.run.topk)
+    return {'test': evaluate_accuracy(model.to(device), loaders['test'], topk=cfg.run.topk)}
 
 
 def export_run(run_path: str | Path, out: str | Path | None = None, checkpoint: str = 'final') -> Path:
-    """Write the timm folder of a run's ``final`` (probed) or ``best`` (stage-1 only) weights."""
+    """Write the timm folder of a run's ``final`` (probed) or ``best`` (stage 1 only) weights."""
     run = RunDir(run_path)
-    cfg, data, model, _ = _model_and_data(run, checkpoint)
-    return export_model(model.cpu(), out or run.export_path, data_config=_data_config(data),
+    cfg, setup = _setup_from_run(run)
+    if setup.is_ff:
+        raise ValueError(f'A {cfg.train.method} model needs its label embedding to predict; it has no timm export. '
+                         f'Its weights are in {run.checkpoint_path(checkpoint)}.')
+    setup.load(run, checkpoint)
+    return export_model(setup.model.cpu(), out or run.export_path, data_config=_data_config(setup.data),
                         metadata={'method': cfg.train.method, 'checkpoint': checkpoint, 'data': vars(cfg.data)})

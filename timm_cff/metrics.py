@@ -1,5 +1,5 @@
 """Classification metrics: top-k accuracy of logits and of a model over a loader."""
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,19 +22,29 @@ def first_view(inputs: Tensor | Sequence[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, loader: Iterable, topk: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Cross-entropy and top-k accuracy (percent) of ``model`` over ``(inputs, labels)`` batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def evaluate_accuracy(model: nn.Module | Callable[[Tensor], Tensor], loader: Iterable,
+                      topk: Sequence[int] = (1, 5, 10), device: torch.device | str | None = None) -> dict[str, float]:
+    """Cross-entropy and top-k accuracy (percent) over ``(inputs, labels)`` batches.
+
+    Args:
+        model: a module (run in eval mode) or any ``inputs [B, ...] -> scores [B, C]`` callable, e.g. an FF
+            trainer's ``predict``.
+        device: where inputs go; default: the module's parameters' device.
+    """
+    module = model if isinstance(model, nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+        device = device or next(module.parameters()).device
     loss_sum, correct, count = 0.0, torch.zeros(len(topk)), 0
     for inputs, labels in loader:
-        x, y = first_view(inputs).to(device), labels.to(device)
+        x, y = first_view(inputs).to(device or 'cpu'), labels.to(device or 'cpu')
         logits = model(x)
         loss_sum += float(F.cross_entropy(logits, y, reduction='sum'))
         correct += torch.tensor(accuracy(logits, y, topk)) * len(y)
         count += len(y)
-    model.train(was_training)
+    if module is not None:
+        module.train(was_training)
     if count == 0:
         raise ValueError('The loader yielded no batches.')
     return {'loss': loss_sum / count, **{f'top{k}': float(c / count) for k, c in zip(topk, correct)}}

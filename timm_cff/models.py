@@ -11,6 +11,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from .config import ModelConfig
+from .mlp import create_mlp
 
 __all__ = ['create_model', 'init_official_']
 
@@ -31,8 +32,11 @@ def _relu_patch_embed() -> functools.partial:
 
 
 def create_model(cfg: ModelConfig, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
-    """``timm.create_model(cfg.name, ...)`` for images of ``input_size`` (C, H, W) and ``num_classes`` classes."""
-    in_chans, height, _ = input_size
+    """``timm.create_model(cfg.name, ...)`` for images of ``input_size`` (C, H, W) and ``num_classes`` classes;
+    ``cfg.name='mlp'`` gives MLP[embed_dim depth] on the flattened image."""
+    in_chans, height, width = input_size
+    if cfg.name == 'mlp':
+        return create_mlp(cfg.embed_dim, cfg.depth, num_classes, img_size=(height, width), in_chans=in_chans)
     kwargs = dict(img_size=cfg.img_size or height, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                   depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=num_classes,
                   global_pool=cfg.global_pool, class_token=cfg.class_token, in_chans=in_chans)
