@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import make_batch, make_vit
 from timm_cff import LocalTrainer, NonFiniteLossError
-from timm_cff.pipeline import PipelineTrainer, balance_stages, measure_stage_costs, stage_ranges
+from timm_cff.pipeline import (PipelineTrainer, balance_stages, latest_checkpoint, measure_stage_costs,
+                               merge_stage_states, prune_checkpoints, stage_ranges)
 from timm_cff.pipeline.cost import (group_costs, ring_allreduce_time, sequential_time, simulate_pipeline,
                                     simulate_wavefront, vit_stage_flops, vit_stage_params)
 
@@ -86,6 +87,35 @@ def test_pipeline_refusals(vit):
         PipelineTrainer(trainer, ['cpu'] * 4)
     with pytest.raises(ValueError, match='at least one stage'):
         stage_ranges([2, 0, 1])
+
+
+def test_merge_stage_states_refusals():
+    def state(start, stop, epoch=1):
+        return {'stages': [start, stop], 'model': {}, 'optimizers': {i: {} for i in range(start, stop)},
+                'schedulers': {}, 'num_updates': 4 * epoch, 'epoch': epoch}
+    merged = merge_stage_states([state(0, 1), state(1, 3)])
+    assert len(merged['optimizers']) == 3 and merged['epoch'] == 1 and merged['schedulers'] == []
+    with pytest.raises(ValueError, match='give every group once, in order'):
+        merge_stage_states([state(1, 3), state(0, 1)])
+    with pytest.raises(ValueError, match='different epochs'):
+        merge_stage_states([state(0, 1), state(1, 3, epoch=2)])
+
+
+def test_latest_and_prune_keep_complete_checkpoints(tmp_path):
+    for epoch, complete in [(1, True), (2, True), (3, False), (4, True), (5, False)]:
+        folder = tmp_path / f'epoch{epoch:04d}'
+        folder.mkdir()
+        if complete:
+            (folder / 'complete.json').write_text(f'{{"epoch": {epoch}}}')
+    (tmp_path / 'best').mkdir()
+    (tmp_path / 'best' / 'complete.json').write_text('{"epoch": 2}')
+    assert latest_checkpoint(tmp_path).name == 'epoch0004'  # epoch 5 was interrupted
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert sorted(d.name for d in removed) == ['epoch0001']
+    assert sorted(d.name for d in tmp_path.iterdir()) == ['best', 'epoch0002', 'epoch0003', 'epoch0004', 'epoch0005']
+    prune_checkpoints(tmp_path, keep=1)  # the interrupted epoch 3 goes with the older complete ones
+    assert sorted(d.name for d in tmp_path.iterdir()) == ['best', 'epoch0004', 'epoch0005']
+    assert latest_checkpoint(tmp_path / 'missing') is None
 
 
 # ------------------------------------------------------------------------------------------------ balancing

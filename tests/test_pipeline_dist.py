@@ -90,9 +90,8 @@ SEEDS = [0, 1, 2, 3]
 DEPTH = 4
 
 
-def _batches(seeds=SEEDS, batch=8):
-    out = [make_batch(batch=batch, seed=s) for s in seeds]
-    return out + [make_batch(batch=batch // 2, seed=99)]  # a smaller last batch, as without drop_last
+def _batches(seeds=SEEDS, batch=8, last=4):
+    return [make_batch(batch=batch, seed=s) for s in seeds] + [make_batch(batch=last, seed=99)]  # no drop_last
 
 
 def _trainer(**kwargs):
@@ -208,16 +207,24 @@ def _sgd(params):
 
 
 def _shard(batch, replica, num_replicas):
+    """Consecutive slices of the batch; the first replicas take one sample more when it does not divide."""
     views, labels = batch
-    size = len(labels) // num_replicas
-    part = slice(replica * size, (replica + 1) * size)
+    sizes = [len(labels) // num_replicas + (r < len(labels) % num_replicas) for r in range(num_replicas)]
+    part = slice(sum(sizes[:replica]), sum(sizes[:replica + 1]))
     return tuple(v[part] for v in views), labels[part]
 
 
+def _margin(features, labels, loss_fn):
+    return torch.tensor(float(loss_fn.margin))  # a stage metric reading its loss's settings through the wrapper
+
+
+def _replica_trainer():
+    return _trainer(optimizer=_sgd, scheduler=None, stage_metrics={'margin': _margin})
+
+
 def _replicated(rank, num_groups, epochs):
-    worker = PipelineWorker(_trainer(optimizer=_sgd, scheduler=None), num_groups,
-                            stage_counts=[DEPTH // num_groups] * num_groups)
-    data = [_shard(b, worker.replica, worker.num_replicas) for b in _batches(batch=16)]
+    worker = PipelineWorker(_replica_trainer(), num_groups, stage_counts=[DEPTH // num_groups] * num_groups)
+    data = [_shard(b, worker.replica, worker.num_replicas) for b in _batches(batch=16, last=7)]
     history = [worker.train_epoch(data if worker.reads_data else None) for _ in range(epochs)]
     return {'history': history, 'state': worker.state_dict(), 'replica': worker.replica,
             'group': worker.group_index}
@@ -227,8 +234,8 @@ def _replicated(rank, num_groups, epochs):
 def test_replicas_match_single_process_global_batch(tmp_path, num_groups, world_size):
     results = ok(launch(tmp_path, world_size, _replicated, num_groups, 2))
     with one_thread():
-        reference = _trainer(optimizer=_sgd, scheduler=None)
-        history = [reference.train_epoch(_batches(batch=16)) for _ in range(2)]
+        reference = _replica_trainer()
+        history = [reference.train_epoch(_batches(batch=16, last=7)) for _ in range(2)]  # last: shards of 4 and 3
     first = sorted((r for r in results if r['replica'] == 0), key=lambda r: r['group'])
     merged = merge_stage_states([r['state'] for r in first])
     for key, value in reference.state_dict()['model'].items():

@@ -9,6 +9,7 @@ from .checkpoint import latest_checkpoint as latest_checkpoint
 from .checkpoint import load_merged_state as load_merged_state
 from .checkpoint import load_pipeline_checkpoint as load_pipeline_checkpoint
 from .checkpoint import merge_stage_states as merge_stage_states
+from .checkpoint import prune_checkpoints as prune_checkpoints
 from .checkpoint import save_pipeline_checkpoint as save_pipeline_checkpoint
 from .comm import PeerFailureError as PeerFailureError
 from .comm import init_distributed as init_distributed
@@ -24,5 +25,5 @@ from .worker import PipelineWorker as PipelineWorker
 __all__ = [
     'PipelineTrainer', 'PipelineWorker', 'PeerFailureError', 'init_distributed', 'StageGroup', 'balance_stages',
     'measure_stage_costs', 'place_groups', 'stage_ranges', 'GatheredLoss', 'save_pipeline_checkpoint',
-    'load_pipeline_checkpoint', 'latest_checkpoint', 'merge_stage_states', 'load_merged_state',
+    'load_pipeline_checkpoint', 'latest_checkpoint', 'prune_checkpoints', 'merge_stage_states', 'load_merged_state',
 ]

@@ -8,6 +8,7 @@ complete checkpoint. The folder must be on a file system that every rank sees (o
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import torch.distributed as dist
 from .comm import peer_guard
 from .worker import PipelineWorker
 
-__all__ = ['save_pipeline_checkpoint', 'load_pipeline_checkpoint', 'latest_checkpoint', 'merge_stage_states',
-           'load_merged_state', 'COMPLETE_FILE']
+__all__ = ['save_pipeline_checkpoint', 'load_pipeline_checkpoint', 'latest_checkpoint', 'prune_checkpoints',
+           'merge_stage_states', 'load_merged_state', 'COMPLETE_FILE']
 
 _logger = logging.getLogger(__name__)
 
@@ -81,6 +82,24 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     root = Path(root)
     folders = [d for d in root.iterdir() if (d / COMPLETE_FILE).is_file()] if root.is_dir() else []
     return max(folders, key=lambda d: (_read_info(d)['epoch'], d.name), default=None)
+
+
+def prune_checkpoints(root: str | Path, keep: int = 2, pattern: str = 'epoch*') -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoint folders matching ``pattern`` (call on one rank).
+
+    Incomplete folders older than the newest kept one go too; a ``best`` folder does not match the default pattern.
+    """
+    if keep < 1:
+        raise ValueError(f'keep must be >= 1 so that a run can resume, got {keep}.')
+    folders = sorted(Path(root).glob(pattern), key=lambda d: d.name)
+    complete = [d for d in folders if (d / COMPLETE_FILE).is_file()]
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[-keep]
+    removed = [d for d in folders if d.name < oldest_kept.name]
+    for folder in removed:
+        shutil.rmtree(folder)
+    return removed
 
 
 def load_pipeline_checkpoint(worker: PipelineWorker, directory: str | Path) -> None:

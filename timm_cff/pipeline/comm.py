@@ -3,14 +3,14 @@
 Each message carries one batch between neighbouring stage groups: a fixed-size header (kind, dtype, label count,
 shape, dimension order), the detached activation ``[VB, ...]`` and the labels ``[B]``. The activation arrives with
 the sender's memory layout (a timm ViT's token stream is ``[B, N, D]`` with strides of ``[B, D, N]``), because CPU
-kernels round differently on other layouts and the pipeline must reproduce sequential training bit for bit. Sends are asynchronous with a bounded number
-in flight, so a fast group runs at most ``max_in_flight`` batches ahead of the next one. An ``END`` header closes an
-epoch. Gloo moves CPU tensors, NCCL device tensors. Any failure of the transport (a peer died, or no message within
-the process group's timeout) becomes a ``PeerFailureError`` that names the ranks involved.
+kernels round differently on other layouts and the pipeline must reproduce sequential training bit for bit.
+Sends are asynchronous with a bounded number in flight, so a fast group runs at most ``max_in_flight`` batches ahead
+of the next one. An ``END`` header closes an epoch. Gloo moves CPU tensors, NCCL device tensors. Any failure of the
+transport (a peer died, or no message within the process group's timeout) becomes a ``PeerFailureError`` that names
+the ranks involved.
 """
 import contextlib
 import datetime
-import logging
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -20,8 +20,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ['PeerFailureError', 'ActivationLink', 'init_distributed', 'peer_guard']
-
-_logger = logging.getLogger(__name__)
 
 _BATCH, _END = 1, 0
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

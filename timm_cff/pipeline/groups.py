@@ -71,6 +71,7 @@ def measure_stage_costs(trainer: LocalTrainer, views: Tensor | Sequence[Tensor],
 
     The weights, the optimizer state and the random state are left untouched, so a run that measures first stays
     bit-identical to one that does not. The optimizer step (elementwise, small next to the stage) is not timed.
+    Measure before the model is spread over devices: the batch goes to the trainer's device.
     """
     x, y = trainer.prepare_batch(views, labels)
     device = x.device
@@ -80,6 +81,8 @@ def measure_stage_costs(trainer: LocalTrainer, views: Tensor | Sequence[Tensor],
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         for attempt in range(repeats + 1):  # attempt 0 warms up allocators and kernels
             h = x
+            for opt in trainer.optimizers:
+                opt.zero_grad(set_to_none=True)  # as in training: each backward allocates its gradients
             for index in range(trainer.num_stages):
                 _synchronize(device)
                 start = time.perf_counter()

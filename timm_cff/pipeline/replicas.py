@@ -7,7 +7,6 @@ only (the other slices are constants). Replica r's gradient is then the part of 
 samples, and the sum over replicas (one all-reduce per stage) is exactly the global-batch gradient that
 single-process training computes, up to float summation order.
 """
-import logging
 from collections.abc import Sequence
 
 import torch
@@ -17,8 +16,6 @@ from torch import Tensor, nn
 from .comm import peer_guard
 
 __all__ = ['GatheredLoss', 'GradientReducer', 'broadcast_parameters', 'all_gather_batch']
-
-_logger = logging.getLogger(__name__)
 
 
 def all_gather_batch(tensor: Tensor, group: dist.ProcessGroup) -> list[Tensor]:

@@ -14,6 +14,7 @@ summed per stage (``replicas.py``). An ``END`` message drains the pipeline at th
 losses are then summed over all ranks, so every rank returns the same metrics.
 """
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -44,7 +45,8 @@ class PipelineWorker:
 
     Args:
         trainer: a ``LocalTrainer`` built the same way on every rank (same model, seed and hyperparameters).
-        num_groups: K stage groups; the world size must be K x replicas. Default: the stage-count list's length.
+        num_groups: K stage groups; the world size must be K x replicas. Default: the length of ``stage_counts``,
+            else the world size (no replicas).
         stage_counts: stages per group, e.g. ``[3, 4]``; by default balanced over ``costs``.
         costs: per-stage costs to balance on (``measure_stage_costs``); rank 0's are used on every rank.
         device: this rank's device (``init_distributed`` returns it); default: where the trainer's model is.
@@ -77,6 +79,7 @@ class PipelineWorker:
         self.group = StageGroup(trainer, stages, device)
         self.link = ActivationLink(rank - 1 if self.group_index > 0 else None,
                                    rank + 1 if self.group_index < num_groups - 1 else None, device, max_in_flight)
+        self.busy_s = 0.0  # seconds the last epoch spent computing; the rest of it was spent waiting for peers
         self._join_replicas()
         _logger.info('Rank %d: stages %d-%d on %s, replica %d of %d', rank, stages.start, stages.stop - 1, device,
                      self.replica, self.num_replicas)
@@ -143,14 +146,18 @@ class PipelineWorker:
         group, link = self.group, self.link
         group.num_updates = self.trainer.num_updates
         totals = torch.zeros(1 + len(self.trainer.stage_metrics), self.trainer.num_stages, device=link.wire)
-        count = 0
+        count, self.busy_s = 0, 0.0
         for h, labels in self._inputs(loader):
+            start = time.perf_counter()
             out, columns = group.forward(h, labels, backward)
+            self.busy_s += time.perf_counter() - start
             if link.next_rank is not None:
                 link.send(out, labels)  # before stepping: the successor starts while this group updates
+            start = time.perf_counter()
             if backward:
                 group.check(columns)
                 group.step()
+            self.busy_s += time.perf_counter() - start
             totals[:, group.stages.start:group.stages.stop] += columns.to(link.wire) * len(labels)
             count += len(labels)
         if link.next_rank is not None:
