@@ -7,14 +7,15 @@ and position embedding, and the partition minimises the slowest group, which set
 """
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..trainer import LocalTrainer
 
-__all__ = ['StageGroup', 'balance_stages', 'measure_stage_costs', 'stage_ranges', 'place_groups']
+__all__ = ['StageGroup', 'GroupedTrainer', 'balance_stages', 'measure_stage_costs', 'stage_ranges',
+           'place_groups']
 
 _logger = logging.getLogger(__name__)
 
@@ -190,3 +191,51 @@ class StageGroup:
         """Step the group's optimizers and per-update schedulers: one more update of each of its stages."""
         self.num_updates += 1
         self.trainer.step_stages(self.stages, self.num_updates)
+
+
+class GroupedTrainer:
+    """The ``LocalTrainer`` interface over stage groups, shared by ``PipelineTrainer`` and ``PipelineWorker``.
+
+    A subclass sets ``trainer`` and ``groups`` (the stage groups it drives) and implements ``_run(loader, backward)``,
+    which streams the batches through its groups and returns the per-sample mean losses of every stage.
+    """
+    trainer: LocalTrainer
+    groups: list[StageGroup]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.trainer.model
+
+    @property
+    def epoch(self) -> int:
+        return self.trainer.epoch
+
+    @property
+    def num_updates(self) -> int:
+        return self.trainer.num_updates
+
+    @property
+    def selection_key(self) -> str:
+        return self.trainer.selection_key
+
+    def train_epoch(self, loader: Iterable | None) -> dict[str, float]:
+        """One pipelined epoch over ``(views, labels)`` batches, drained at the end; per-sample mean losses."""
+        self.trainer.model.train()
+        for group in self.groups:
+            group.num_updates = self.trainer.num_updates
+        means = self._run(loader, backward=True)
+        self.trainer.num_updates = self.groups[0].num_updates
+        self.trainer.end_epoch()
+        return means
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable | None) -> dict[str, float]:
+        """Per-sample mean stage losses without updates (eval mode), streamed through the pipeline."""
+        was_training = self.trainer.model.training
+        self.trainer.model.eval()
+        means = self._run(loader, backward=False)
+        self.trainer.model.train(was_training)
+        return means
+
+    def _run(self, loader: Iterable | None, backward: bool) -> dict[str, float]:
+        raise NotImplementedError

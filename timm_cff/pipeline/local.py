@@ -21,14 +21,14 @@ import torch
 from torch import Tensor
 
 from ..trainer import LocalTrainer, split_batch
-from .groups import StageGroup, balance_stages, place_groups, stage_ranges
+from .groups import GroupedTrainer, StageGroup, balance_stages, place_groups, stage_ranges
 
 __all__ = ['PipelineTrainer']
 
 _logger = logging.getLogger(__name__)
 
 
-class PipelineTrainer:
+class PipelineTrainer(GroupedTrainer):
     """A ``LocalTrainer`` whose stage groups live on several devices and train as a layer pipeline.
 
     It reads like the trainer it wraps (``train_epoch``, ``evaluate``, ``state_dict``, ``selection_key``, ...), and
@@ -59,23 +59,6 @@ class PipelineTrainer:
         _logger.info('Layer pipeline: %s', ', '.join(f'stages {g.stages.start}-{g.stages.stop - 1} on {g.device}'
                                                        for g in self.groups))
 
-    # ------------------------------------------------------------------------------ the trainer's interface
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.trainer.model
-
-    @property
-    def epoch(self) -> int:
-        return self.trainer.epoch
-
-    @property
-    def num_updates(self) -> int:
-        return self.trainer.num_updates
-
-    @property
-    def selection_key(self) -> str:
-        return self.trainer.selection_key
-
     def state_dict(self) -> dict[str, Any]:
         """The wrapped trainer's state (tensors stay on their devices; loading copies them into place)."""
         return self.trainer.state_dict()
@@ -90,28 +73,9 @@ class PipelineTrainer:
         return self.trainer
 
     # ------------------------------------------------------------------------------ epochs
-    def train_epoch(self, loader: Iterable) -> dict[str, float]:
-        """One pipelined epoch over ``(views, labels)`` batches, drained at the end; per-sample mean losses."""
-        self.trainer.model.train()
-        means = self._run(loader, backward=True)
-        self.trainer.num_updates = self.groups[0].num_updates
-        self.trainer.end_epoch()
-        return means
-
-    @torch.no_grad()
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Per-sample mean stage losses without updates (eval mode), streamed through the pipeline."""
-        was_training = self.trainer.model.training
-        self.trainer.model.eval()
-        means = self._run(loader, backward=False)
-        self.trainer.model.train(was_training)
-        return means
-
     def _run(self, loader: Iterable, backward: bool) -> dict[str, float]:
         totals: list[Tensor | None] = [None] * len(self.groups)
         count, self.num_steps = 0, 0
-        for group in self.groups:
-            group.num_updates = self.trainer.num_updates
         for results in self._wavefront(loader, backward):
             self.num_steps += 1
             for g, result in enumerate(results):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..trainer import LocalTrainer, split_batch
 from .comm import ActivationLink, peer_guard
-from .groups import StageGroup, balance_stages, place_groups, stage_ranges
+from .groups import GroupedTrainer, StageGroup, balance_stages, place_groups, stage_ranges
 from .replicas import GatheredLoss, GradientReducer, broadcast_parameters
 
 __all__ = ['PipelineWorker']
@@ -40,8 +40,11 @@ def _rank0_value(value: Any) -> Any:
     return box[0]
 
 
-class PipelineWorker:
+class PipelineWorker(GroupedTrainer):
     """This rank's stage group of a distributed layer pipeline; reads like a ``LocalTrainer``.
+
+    ``train_epoch(loader)`` and ``evaluate(loader)`` return the same dict on every rank; only the ranks that
+    ``reads_data`` (the first group of each replica) read their loader (their replica's shard), the others pass None.
 
     Args:
         trainer: a ``LocalTrainer`` built the same way on every rank (same model, seed and hyperparameters).
@@ -77,6 +80,7 @@ class PipelineWorker:
         device = torch.device(device) if device is not None else trainer.device
         place_groups(trainer, [stages], [device], rest=torch.device('cpu'))
         self.group = StageGroup(trainer, stages, device)
+        self.groups = [self.group]
         self.link = ActivationLink(rank - 1 if self.group_index > 0 else None,
                                    rank + 1 if self.group_index < num_groups - 1 else None, device, max_in_flight)
         self.busy_s = 0.0  # seconds the last epoch spent computing; the rest of it was spent waiting for peers
@@ -99,52 +103,14 @@ class PipelineWorker:
             self.trainer.losses[i] = GatheredLoss(self.trainer.losses[i], group)
         self.group.gradient_reducer = GradientReducer(group)
 
-    # ------------------------------------------------------------------------------ the trainer's interface
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.trainer.model
-
-    @property
-    def epoch(self) -> int:
-        return self.trainer.epoch
-
-    @property
-    def num_updates(self) -> int:
-        return self.trainer.num_updates
-
-    @property
-    def selection_key(self) -> str:
-        return self.trainer.selection_key
-
+    # ------------------------------------------------------------------------------ epochs
     @property
     def reads_data(self) -> bool:
         """Whether this rank needs the loader (the first group of each replica); other ranks pass ``None``."""
         return self.link.prev_rank is None
 
-    def train_epoch(self, loader: Iterable | None = None) -> dict[str, float]:
-        """One pipelined epoch; ``loader`` (this replica's shard) is read by the first group only.
-
-        Returns:
-            The per-sample mean losses of every stage, the same dict on every rank.
-        """
-        self.trainer.model.train()
-        means = self._run(loader, backward=True)
-        self.trainer.num_updates = self.group.num_updates
-        self.trainer.end_epoch()
-        return means
-
-    @torch.no_grad()
-    def evaluate(self, loader: Iterable | None = None) -> dict[str, float]:
-        """Per-sample mean stage losses without updates (eval mode), streamed through the pipeline."""
-        was_training = self.trainer.model.training
-        self.trainer.model.eval()
-        means = self._run(loader, backward=False)
-        self.trainer.model.train(was_training)
-        return means
-
     def _run(self, loader: Iterable | None, backward: bool) -> dict[str, float]:
         group, link = self.group, self.link
-        group.num_updates = self.trainer.num_updates
         totals = torch.zeros(1 + len(self.trainer.stage_metrics), self.trainer.num_stages, device=link.wire)
         count, self.busy_s = 0, 0.0
         for h, labels in self._inputs(loader):
