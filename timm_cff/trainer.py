@@ -141,7 +141,7 @@ class TrainerBase:
                 on_step(self._as_dict(rows))
             totals, count = (rows * len(labels) if totals is None else totals + rows * len(labels)), count + len(labels)
         self.end_epoch()
-        return self._as_floats(totals, count)
+        return self.epoch_means(totals, count)
 
     def end_epoch(self) -> None:
         """Advance the epoch counter and epoch-based schedulers."""
@@ -160,7 +160,7 @@ class TrainerBase:
             out = self._evaluate_batch(views, labels) * len(labels)
             totals, count = (out if totals is None else totals + out), count + len(labels)
         self.model.train(was_training)
-        return self._as_floats(totals, count)
+        return self.epoch_means(totals, count)
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -194,15 +194,20 @@ class TrainerBase:
     def _finish_update(self, losses: Tensor) -> None:
         """Refuse non-finite ``losses [K]`` before any weight changes, then step every optimizer and scheduler."""
         if self.check_finite:
-            self._raise_if_not_finite(losses)
-        for opt in self.optimizers:
-            opt.step()
+            self.raise_if_not_finite(losses)
         self.num_updates += 1
-        for sched in self.schedulers:
-            sched.step_update(num_updates=self.num_updates)
+        self.step_stages(range(len(self.optimizers)), self.num_updates)
 
-    def _prepare(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
-        """Views -> one view-major ``[VB, ...]`` tensor on the model's device; labels checked against ``B``."""
+    def step_stages(self, stages: Sequence[int], num_updates: int) -> None:
+        """Step the optimizers of ``stages``, then move their per-update schedulers to ``num_updates``."""
+        for index in stages:
+            self.optimizers[index].step()
+        for index in stages if self.schedulers else ():
+            self.schedulers[index].step_update(num_updates=num_updates)
+
+    def prepare_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor,
+                      device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """Views -> one view-major ``[VB, ...]`` tensor on ``device`` (default: the model's); labels checked."""
         views = [views] if isinstance(views, Tensor) else list(views)
         if len(views) < self.num_views:
             raise ValueError(f'The trainer uses {self.num_views} views per image but the batch has {len(views)}; '
@@ -213,18 +218,27 @@ class TrainerBase:
         if not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != len(views[0]):
             shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
             raise ValueError(f'Labels must be a [B] tensor with B = {len(views[0])} (the batch size), got {shape}.')
-        device = self.device
+        device = self.device if device is None else device
         return torch.cat(views).to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-    def _raise_if_not_finite(self, losses: Tensor) -> None:
+    def raise_if_not_finite(self, losses: Tensor, stages: Sequence[int] | None = None,
+                            step: int | None = None) -> None:
+        """Raise ``NonFiniteLossError`` (after clearing those stages' gradients) if a loss is NaN or infinite.
+
+        Args:
+            losses: ``[len(stages)]`` losses of ``stages`` (default: one per optimizer, in order).
+            step: the update the losses belong to (default: ``num_updates``), for the message.
+        """
+        stages = range(len(losses)) if stages is None else stages
         finite = torch.isfinite(losses)
         if not bool(finite.all()):  # one host sync per step
-            stage = int((~finite).nonzero()[0])
-            for opt in self.optimizers:
-                opt.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(stage, self.num_updates, float(losses[stage]))
+            k = int((~finite).nonzero()[0])
+            for index in stages:
+                self.optimizers[index].zero_grad(set_to_none=True)
+            raise NonFiniteLossError(stages[k], self.num_updates if step is None else step, float(losses[k]))
 
-    def _as_floats(self, totals: Tensor | None, count: int) -> dict[str, float]:
+    def epoch_means(self, totals: Tensor | None, count: int) -> dict[str, float]:
+        """Per-sample means as floats from statistics summed over ``count`` samples (each batch weighted by size)."""
         if totals is None:
             raise ValueError('The loader yielded no batches.')
         return {k: float(v) for k, v in self._as_dict(totals / count).items()}
@@ -322,7 +336,7 @@ class LocalTrainer(TrainerBase):
 
     def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
         """The body of ``step()``: ``[1 + M, L]`` detached stage losses (row 0) and stage metrics."""
-        x, labels = self._prepare(views, labels)
+        x, labels = self.prepare_batch(views, labels)
         self._begin_update()
         losses = self._stage_losses(x, labels, backward=True)
         self._finish_update(losses[0])
@@ -330,7 +344,7 @@ class LocalTrainer(TrainerBase):
 
     def _evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
         """``[1 + M, L]`` stage losses and metrics of a batch, without gradients or updates."""
-        x, labels = self._prepare(views, labels)
+        x, labels = self.prepare_batch(views, labels)
         return self._stage_losses(x, labels, backward=False)
 
     def _stage_losses(self, x: Tensor, labels: Tensor, backward: bool) -> Tensor:

@@ -54,7 +54,7 @@ class BackpropTrainer(TrainerBase):
 
     def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
         """One end-to-end step; ``[2]``: the detached loss and top-1 accuracy (percent) of the batch."""
-        x, y = self._prepare(views, labels)
+        x, y = self.prepare_batch(views, labels)
         self._begin_update()
         loss, top1 = self._loss(x, y)
         loss.backward()
@@ -62,7 +62,7 @@ class BackpropTrainer(TrainerBase):
         return torch.stack([loss.detach(), top1])
 
     def _evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
-        x, y = self._prepare(views, labels)
+        x, y = self.prepare_batch(views, labels)
         return torch.stack(self._loss(x, y))
 
     def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

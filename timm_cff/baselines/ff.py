@@ -100,14 +100,14 @@ class ForwardForwardTrainer(TrainerBase):
     # ----------------------------------------------------------------------------------------------- the algorithm
     def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
         """One local update of every stage on positives and fresh negatives; ``[3, L]`` statistics."""
-        x, y = self._prepare(views, labels)
+        x, y = self.prepare_batch(views, labels)
         self._begin_update()
         stats = self._stage_losses(x, y, self.generator, backward=True)
         self._finish_update(stats[0])
         return stats
 
     def _evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
-        x, y = self._prepare(views, labels)
+        x, y = self.prepare_batch(views, labels)
         return self._stage_losses(x, y, self._eval_generator, backward=False)
 
     def evaluate(self, loader) -> dict[str, float]:
