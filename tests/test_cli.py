@@ -1,5 +1,6 @@
 """The command line end to end on tiny budgets: the quickstart, resume, probe/eval/export, and the refusals."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,35 @@ def test_every_method_runs_end_to_end(tmp_path, capsys, method, family):
     out = capsys.readouterr().out
     assert f"top1 {summary['test']['top1']:.2f}%" in out and 'inference one forward' in out
     assert ('inference goodness c passes' in out) == (method in ('ff', 'symba', 'collab'))
+
+
+PIPELINE_ARGS = ['--config', QUICKSTART, *TINY, '--model.depth=3', '--train.max_steps=3']
+
+
+def test_pipeline_over_devices_in_one_process_equals_sequential(tmp_path):
+    assert main(['train', *PIPELINE_ARGS, f'--run.output={tmp_path}', '--run.name=seq']) == 0
+    assert main(['train', *PIPELINE_ARGS, f'--run.output={tmp_path}', '--run.name=dev',
+                 "--pipeline.devices=['cpu', 'cpu']"]) == 0
+    seq, dev = final_weights(tmp_path / 'seq'), final_weights(tmp_path / 'dev')
+    assert all(torch.equal(seq[k], dev[k]) for k in seq)
+
+
+def test_torchrun_pipeline_of_two_processes_equals_sequential(tmp_path):
+    """Two processes (gloo on loopback), one stage group each: bit-identical to one process with one thread."""
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    common = [*PIPELINE_ARGS, f'--run.output={tmp_path}']
+    subprocess.run([sys.executable, '-m', 'timm_cff', 'train', *common, '--run.name=seq'], env=env, check=True,
+                   timeout=300, cwd=tmp_path)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2',
+                    '-m', 'timm_cff', 'train', *common, '--run.name=pipe', '--pipeline.stages=2'], env=env,
+                   check=True, timeout=300, cwd=tmp_path, capture_output=True)
+    seq, pipe = final_weights(tmp_path / 'seq'), final_weights(tmp_path / 'pipe')
+    assert all(torch.equal(seq[k], pipe[k]) for k in seq)
+    assert (tmp_path / 'pipe' / 'checkpoints' / 'pipeline' / 'best' / 'complete.json').exists()
+    rows = [(tmp_path / n / 'metrics.csv').read_text().splitlines() for n in ('seq', 'pipe')]
+    assert [r.split(',')[3:] for r in rows[0]] == [r.split(',')[3:] for r in rows[1]]  # same losses, any time
+
+
+def test_pipeline_stages_without_torchrun_is_refused(tmp_path, capsys):
+    assert train(tmp_path, '--pipeline.stages=2') == 1
+    assert 'launch with torchrun' in capsys.readouterr().err

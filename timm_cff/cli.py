@@ -10,6 +10,7 @@ The only module that prints and configures logging.
 """
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -115,8 +116,10 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         cfg = load_config(args.config, overrides)
         path = Path(cfg.run.output) / (cfg.run.name or _run_name(args.config))
     _setup_logging(cfg.run.quiet)
-    print(f'run folder: {path}', flush=True)
-    progress = QuietProgress() if cfg.run.quiet else TqdmProgress()
+    lead = os.environ.get('RANK', '0') == '0'  # under torchrun only rank 0 reports
+    if lead:
+        print(f'run folder: {path}', flush=True)
+    progress = QuietProgress() if cfg.run.quiet or not lead else TqdmProgress()
     return train_run(cfg, path, resume=bool(args.resume), progress=progress)
 
 
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except _EXPECTED_ERRORS as e:
         print(f'timm-cff: error: {e}', file=sys.stderr)
         return 1
-    _print_result(result)
+    if result:  # empty on the pipeline ranks other than 0
+        _print_result(result)
     return 0
 
 

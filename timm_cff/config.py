@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ['Config', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ProbeConfig', 'RunConfig', 'ConfigError',
+__all__ = ['Config', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ProbeConfig', 'RunConfig', 'PipelineConfig',
+           'ConfigError',
            'load_config', 'save_config', 'apply_overrides', 'config_to_dict', 'iter_fields', 'flatten', 'parse_override']
 
 
@@ -115,12 +116,22 @@ class RunConfig:
 
 
 @dataclass
+class PipelineConfig:
+    stages: int = opt(1, 'stage groups K trained concurrently, one process each: launch with torchrun '
+                         '--nproc-per-node K x replicas (the extra processes become data-parallel replicas)')
+    devices: list = opt([], "one process: place stage groups on these devices, e.g. ['cuda:0', 'cuda:1']")
+    max_in_flight: int = opt(2, 'batches a stage group may send ahead of the next one')
+    timeout_s: float = opt(600.0, 'seconds a process waits for a peer before stopping with an error')
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def iter_fields(config: Any, prefix: str = ''):

@@ -22,7 +22,9 @@ from .margins import MarginSchedule
 from .metrics import evaluate_accuracy, first_view
 from .models import create_model
 from .probe import train_linear_probe
+from .pipeline.session import start_distributed
 from .run import RunDir
+from .trainer import TrainerBase
 
 __all__ = ['train_run', 'probe_run', 'evaluate_run', 'evaluate_export', 'export_run', 'build_trainer',
            'resolve_device', 'seed_all', 'Progress', 'FF_METHODS']
@@ -108,9 +110,18 @@ class _Setup:
     head once stage 2 has built it.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, distributed: bool = False):
         self.cfg = cfg
-        self.device = resolve_device(cfg.run.device)
+        self.rank, shard = 0, (0, 1)
+        if distributed:  # one process per stage group (x replicas), launched by torchrun
+            if cfg.train.method != 'cff':
+                raise ValueError(f'The layer pipeline trains layer-local methods; train.method={cfg.train.method!r} '
+                                 'is not one (use cff).')
+            self.device = start_distributed(cfg.pipeline.stages, cfg.pipeline.timeout_s)
+            self.rank = torch.distributed.get_rank()
+            shard = (self.rank // cfg.pipeline.stages, torch.distributed.get_world_size() // cfg.pipeline.stages)
+        else:
+            self.device = resolve_device(cfg.run.device)
         seed_all(cfg.run.seed)
         self.data = prepare_data(cfg.data)
         self.model = create_model(cfg.model, self.data.num_classes, self.data.input_size)
@@ -118,7 +129,7 @@ class _Setup:
         self.model.to(self.device)
         self.trainer = build_trainer(cfg, self.model)
         self.loaders = create_loaders(self.data, cfg.data, num_views=self.trainer.num_views, seed=cfg.run.seed,
-                                      device=self.device)
+                                      device=self.device, shard=shard)
         self.classifier: nn.Module | None = None if cfg.train.method in FF_METHODS else self.model
 
     @property
@@ -139,40 +150,90 @@ class _Setup:
         return self.classifier
 
 
-def _stage1(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict[str, Any]:
-    trainer, loaders = setup.trainer, setup.loaders
-    state = {'epoch': 0, 'best_loss': None, 'best_epoch': None, 'time_s': 0.0}
-    if run.checkpoint_path('last').exists():
-        saved = run.load_checkpoint('last')
-        trainer.load_state_dict(saved['trainer'])
+class _Checkpoints:
+    """Stage-1 checkpoints of a one-process run: ``last.pt`` (the resume point) and ``best.pt``."""
+
+    def __init__(self, run: RunDir, runner: Any):
+        self.run, self.runner = run, runner
+
+    def resume(self) -> dict[str, Any] | None:
+        if not self.run.checkpoint_path('last').exists():
+            return None
+        saved = self.run.load_checkpoint('last')
+        self.runner.load_state_dict(saved['trainer'])
         torch.set_rng_state(saved['rng'])
-        state = saved['state']
-        run.truncate_rows('metrics.csv', state['epoch'])
+        return saved['state']
+
+    def save(self, state: dict[str, Any], improved: bool) -> None:
+        if improved:
+            self.run.save_checkpoint('best', {'trainer': self.runner.state_dict(), 'epoch': state['epoch']})
+        self.run.save_checkpoint('last', {'trainer': self.runner.state_dict(), 'rng': torch.get_rng_state(),
+                                          'state': state})
+
+
+def _runner(cfg: Config, run: RunDir, setup: _Setup) -> tuple[Any, Any]:
+    """The stage-1 runner (the trainer, or a layer pipeline over devices or processes) and its checkpoints."""
+    p = cfg.pipeline
+    if not (p.devices or torch.distributed.is_initialized()):
+        return setup.trainer, _Checkpoints(run, setup.trainer)
+    from .pipeline.session import RankCheckpoints, create_runner
+    train = setup.loaders['train']
+    first = next(iter(train)) if setup.rank == 0 else None
+    runner = create_runner(setup.trainer, p.stages, p.devices, first, run.path / 'checkpoints' / 'pipeline',
+                           p.max_in_flight)
+    if not torch.distributed.is_initialized():
+        return runner, _Checkpoints(run, runner)
+    if not runner.reads_data:  # only the first stage group of each replica reads batches
+        setup.loaders['train'] = setup.loaders['val'] = None
+    return runner, RankCheckpoints(runner, run.path)
+
+
+def _stage1(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict[str, Any]:
+    runner, checkpoints = _runner(cfg, run, setup)
+    loaders = setup.loaders
+    state = checkpoints.resume() or {'epoch': 0, 'best_loss': None, 'best_epoch': None, 'time_s': 0.0}
+    if state['epoch']:
+        if setup.rank == 0:
+            run.truncate_rows('metrics.csv', state['epoch'])
         _logger.info('Resuming %s after epoch %d', run.path, state['epoch'])
-    key = trainer.selection_key
+    key = runner.selection_key
     for epoch in range(state['epoch'], cfg.train.epochs):
         start = time.perf_counter()
-        loaders['train'].set_epoch(epoch)
-        loaders['val'].set_epoch(epoch)
-        steps = min(len(loaders['train']), cfg.train.max_steps or len(loaders['train']))
-        bar = progress.bar(_limit(loaders['train'], cfg.train.max_steps), f'epoch {epoch + 1}/{cfg.train.epochs}',
-                           total=steps)
-        train = trainer.train_epoch(bar, on_step=lambda out: progress.update(bar, out))
-        progress.close(bar)
-        val = trainer.evaluate(_limit(loaders['val'], cfg.train.max_steps))
+        train, val = _epoch(cfg, runner, loaders['train'], loaders['val'], epoch, progress)
         seconds = time.perf_counter() - start
-        if state['best_loss'] is None or val[key] < state['best_loss']:
+        improved = state['best_loss'] is None or val[key] < state['best_loss']
+        if improved:
             state.update(best_loss=val[key], best_epoch=epoch + 1)
-            run.save_checkpoint('best', {'trainer': trainer.state_dict(), 'epoch': epoch + 1})
         state.update(epoch=epoch + 1, time_s=state['time_s'] + seconds)
-        run.save_checkpoint('last', {'trainer': trainer.state_dict(), 'rng': torch.get_rng_state(), 'state': state})
-        run.append_row('metrics.csv', {'epoch': epoch + 1, 'time_s': round(seconds, 3),
-                                       'lr': trainer.optimizers[0].param_groups[0]['lr'],
-                                       **{f'train_{k}': v for k, v in train.items()},
-                                       **{f'val_{k}': v for k, v in val.items()}})
+        checkpoints.save(state, improved)
+        if setup.rank == 0:
+            run.append_row('metrics.csv', {'epoch': epoch + 1, 'time_s': round(seconds, 3),
+                                           'lr': setup.trainer.optimizers[0].param_groups[0]['lr'],
+                                           **{f'train_{k}': v for k, v in train.items()},
+                                           **{f'val_{k}': v for k, v in val.items()}})
         progress.message(f'epoch {epoch + 1}: train loss {train["loss"]:.4f}, val {key} {val[key]:.4f}'
-                         f'{" (best)" if state["best_epoch"] == epoch + 1 else ""}, {seconds:.1f}s')
+                         f'{" (best)" if improved else ""}, {seconds:.1f}s')
+    if hasattr(checkpoints, 'merged_best'):  # every rank has finished its epochs: rank 0 gathers the best model
+        if setup.rank == 0:
+            run.save_checkpoint('best', {'trainer': checkpoints.merged_best()})
+        torch.distributed.barrier()
+    if hasattr(runner, 'gather'):
+        runner.gather(setup.device)
     return state
+
+
+def _epoch(cfg: Config, runner: Any, train_loader, val_loader, epoch: int, progress: Progress):
+    """One training epoch and one validation pass; a loader is ``None`` on pipeline ranks that read no data."""
+    for loader in (train_loader, val_loader):
+        if loader is not None:
+            loader.set_epoch(epoch)
+    limited = (lambda loader: None if loader is None else _limit(loader, cfg.train.max_steps))
+    steps = min(len(train_loader), cfg.train.max_steps or len(train_loader)) if train_loader is not None else None
+    bar = progress.bar(limited(train_loader), f'epoch {epoch + 1}/{cfg.train.epochs}', total=steps)
+    on_step = (lambda out: progress.update(bar, out)) if isinstance(runner, TrainerBase) else None
+    train = runner.train_epoch(bar, on_step=on_step) if on_step else runner.train_epoch(bar)
+    progress.close(bar)
+    return train, runner.evaluate(limited(val_loader))
 
 
 def _stage2(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict[str, Any]:
@@ -244,18 +305,39 @@ def _finish(cfg: Config, run: RunDir, setup: _Setup, summary: dict, progress: Pr
     return summary
 
 
-def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress: Progress | None = None
-              ) -> dict[str, Any]:
-    """Run (or resume) the whole pipeline in ``run_path``; returns the summary written to ``summary.json``."""
-    progress = progress or Progress()
+def _open_run(cfg: Config, run_path: str | Path, resume: bool) -> RunDir:
     if resume:
         run = RunDir(run_path)
         run.check_resumable(cfg)
-    else:
-        run = RunDir.create(run_path, cfg)
+        return run
+    return RunDir.create(run_path, cfg)
+
+
+def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress: Progress | None = None
+              ) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline in ``run_path``; returns the summary written to ``summary.json``.
+
+    With ``pipeline.stages > 1`` every torchrun process calls this; stage 1 runs on all of them, the rest on rank 0
+    (the other ranks return an empty dict).
+    """
+    progress = progress or Progress()
     wall = time.perf_counter()
-    setup = _Setup(cfg)
-    stage1 = _stage1(cfg, run, setup, progress)
+    distributed = cfg.pipeline.stages > 1
+    run = None if distributed else _open_run(cfg, run_path, resume)
+    setup = _Setup(cfg, distributed)
+    if distributed:  # rank 0 names and creates the folder, the others follow
+        box = [str(run_path)]
+        torch.distributed.broadcast_object_list(box, src=0)
+        run = _open_run(cfg, box[0], resume) if setup.rank == 0 else RunDir(box[0])
+        torch.distributed.barrier()
+        progress = progress if setup.rank == 0 else Progress()
+    try:
+        stage1 = _stage1(cfg, run, setup, progress)
+    finally:
+        if distributed and setup.rank != 0:
+            torch.distributed.destroy_process_group()
+    if setup.rank != 0:
+        return {}
     stage2 = _stage2(cfg, run, setup, progress)
     summary = {'run': str(run.path), 'method': cfg.train.method, 'best_epoch': stage1['best_epoch'],
                'best_val_loss': stage1['best_loss'], 'selection_key': setup.trainer.selection_key,
@@ -264,6 +346,8 @@ def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress:
     summary = _finish(cfg, run, setup, summary, progress)
     summary['wall_time_s'] = round(time.perf_counter() - wall, 2)
     run.write_json('summary.json', summary)
+    if distributed:
+        torch.distributed.destroy_process_group()
     return summary
 
 

@@ -75,9 +75,9 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
 
 
 def create_loaders(data: PreparedData, cfg: DataConfig, *, num_views: int, seed: int,
-                   device: torch.device | str = 'cpu') -> dict[str, ImageLoader]:
-    """Loaders of a run: ``train``/``val`` (stage 1, augmented, ``num_views``), ``probe_train``/``probe_val``
-    (augmented view 1, as the official probe), ``test`` (normalised only, in order)."""
+                   device: torch.device | str = 'cpu', shard: tuple[int, int] = (0, 1)) -> dict[str, ImageLoader]:
+    """Loaders of a run: ``train``/``val`` (stage 1, augmented, ``num_views``, this replica's ``shard`` of every
+    batch), ``probe_train``/``probe_val`` (augmented view 1, as the official probe), ``test`` (normalised only)."""
     augment = BatchAugment(data.mean, data.std, data.crop_padding, data.hflip)
     plain = BatchAugment(data.mean, data.std, train=False)
     randaugment = None
@@ -87,9 +87,9 @@ def create_loaders(data: PreparedData, cfg: DataConfig, *, num_views: int, seed:
     common = dict(device=device, randaugment=randaugment, workers=cfg.workers)
     return {
         'train': ImageLoader(data.train, cfg.batch_size, augment, num_views=num_views, shuffle=True, seed=seed,
-                             **common),
+                             shard=shard, **common),
         'val': ImageLoader(data.val, cfg.batch_size, augment, num_views=num_views, shuffle=True, seed=seed + 1,
-                           **common),
+                           shard=shard, **common),
         'probe_train': ImageLoader(data.train, cfg.batch_size, augment, shuffle=True, seed=seed + 2, **common),
         'probe_val': ImageLoader(data.val, cfg.batch_size, augment, shuffle=True, seed=seed + 3, **common),
         'test': ImageLoader(data.test, cfg.batch_size, plain, device=device),

@@ -46,17 +46,21 @@ class ImageLoader:
         device: where batches are augmented and returned.
         randaugment: optional per-image transform on uint8 ``[C, H, W]`` applied before ``augment``.
         workers: DataLoader workers for ``randaugment``.
+        shard: ``(index, count)``: yield only part ``index`` of ``count`` of every batch (data-parallel replicas
+            share one permutation and split each global batch).
     """
 
     def __init__(self, data: ArrayDataset, batch_size: int, augment: BatchAugment, *, num_views: int = 1,
                  shuffle: bool = False, seed: int = 0, device: torch.device | str = 'cpu',
-                 randaugment: Callable[[Tensor], Tensor] | None = None, workers: int = 0):
+                 randaugment: Callable[[Tensor], Tensor] | None = None, workers: int = 0,
+                 shard: tuple[int, int] = (0, 1)):
         if batch_size < 1:
             raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
         self.data, self.batch_size, self.augment = data, batch_size, augment
         self.num_views, self.shuffle, self.seed = num_views, shuffle, seed
         self.device = torch.device(device)
         self.randaugment, self.workers = randaugment, workers
+        self.shard = shard
         self.epoch = 0
         # Small datasets live on the accelerator once, so a batch is an index operation there.
         self._x = data.x if randaugment is not None else data.x.to(self.device)
@@ -69,6 +73,13 @@ class ImageLoader:
 
     def _epoch_seed(self) -> int:
         return (self.seed * 1_000_003 + self.epoch) % (2 ** 62)
+
+    def _batches(self, generator: torch.Generator) -> list[Tensor]:
+        """This loader's sample indices of every batch of the epoch (its shard of each global batch)."""
+        n = len(self.data)
+        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+        index, count = self.shard
+        return [batch.tensor_split(count)[index] for batch in order.split(self.batch_size)]
 
     def _raw_batches(self, batches: list[Tensor]) -> Iterator[Tensor]:
         """uint8 ``[B, C, H, W]`` (shared by the views) or ``[B, V, C, H, W]`` (per-view RandAugment)."""
@@ -83,9 +94,9 @@ class ImageLoader:
 
     def __iter__(self) -> Iterator[tuple[Tensor | tuple[Tensor, ...], Tensor]]:
         generator = torch.Generator().manual_seed(self._epoch_seed())
-        n = len(self.data)
-        order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
-        batches = list(order.split(self.batch_size))
+        batches = self._batches(generator)
+        # every replica draws the permutation, then its own augmentations
+        generator.manual_seed(self._epoch_seed() + 7919 * (self.shard[0] + 1))
         for index, raw in zip(batches, self._raw_batches(batches)):
             raw = raw.to(self.device, non_blocking=True)
             per_view = raw.unbind(1) if raw.dim() == 5 else [raw] * self.num_views
