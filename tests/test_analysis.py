@@ -17,7 +17,7 @@ from timm_cff import LocalTrainer, create_stages, register_stages
 from timm_cff.analysis import (
     PLOT_INSTALL_HINT, analyze, anchor_similarity, block_series, clamped_fraction, clamped_fraction_metric,
     extract_block_features, fisher_criterion, fit_linear_discriminant, layerwise_metrics, linear_probe_accuracy,
-    read_history)
+    read_history, write_report)
 from timm_cff.analysis.probe import split_indices
 
 
@@ -291,3 +291,14 @@ def test_the_package_imports_without_the_plot_extra():
     code = ("import sys; sys.modules['matplotlib'] = sys.modules['sklearn'] = None; import timm_cff.analysis as a; "
             "assert a.missing_plot_packages() == ['matplotlib', 'scikit-learn']")
     subprocess.run([sys.executable, '-c', code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_report_of_a_run_without_per_block_history(tmp_path):
+    """An end-to-end (BP) run logs one loss per epoch: the curves fall back to it and R(k) curves are left out."""
+    pytest.importorskip('matplotlib')
+    csv = tmp_path / 'metrics.csv'
+    csv.write_text('epoch,time_s,lr,train_loss,val_loss,val_top1\n1,1.0,5e-4,2.1,2.0,25.0\n2,1.0,5e-4,1.9,1.8,33.0\n')
+    x, y = clusters()
+    files = write_report(tmp_path / 'out', layerwise_metrics([x, x], y, margins=0.1), history=read_history(csv))
+    assert {f.name for f in files} == {'report.md', 'metrics.json', 'depth.png', 'training_curves.png'}
+    assert 'Last epoch (2): train_loss 1.900, val_loss 1.800, val_top1 33.000.' in (files[0]).read_text()

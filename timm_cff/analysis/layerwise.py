@@ -72,7 +72,7 @@ def layerwise_metrics(
         'settings'}``.
     """
     margin_list = resolve_margins(margins, len(features))
-    pairs = subsample(len(labels), pair_samples, seed)
+    pairs = subsample(len(labels), pair_samples, seed).to(labels.device)
     out: dict = {'num_blocks': len(features), 'num_samples': len(labels), 'num_classes': len(torch.unique(labels)),
                  'feature_dims': [block.shape[1] for block in features], 'margins': margin_list}
     for index, block in enumerate(features):
@@ -100,6 +100,6 @@ def tsne_embeddings(features: Sequence[Tensor], labels: Tensor, num_samples: int
 
     index = subsample(len(labels), num_samples, seed)
     perplexity = min(perplexity, (len(index) - 1) / 3)  # scikit-learn needs perplexity < n
-    maps = [TSNE(perplexity=perplexity, init='pca', random_state=seed).fit_transform(block[index].double().numpy())
-            for block in features]
-    return [torch.from_numpy(m).float() for m in maps], labels[index]
+    tsne = TSNE(perplexity=perplexity, init='pca', random_state=seed)
+    maps = [tsne.fit_transform(block.cpu()[index].double().numpy()) for block in features]
+    return [torch.from_numpy(m).float() for m in maps], labels.cpu()[index]

@@ -60,17 +60,19 @@ def _depth_axes(ax, num_blocks: int, title: str, ylabel: str) -> None:
     ax.grid(alpha=0.3)
 
 
-def _depth_panel(ax, runs: Mapping[str, dict], key: str, title: str, ylabel: str) -> None:
+def _depth_panel(ax, runs: Mapping[str, dict], key: str, title: str, ylabel: str, log_if_wide: bool = False) -> None:
     values = []
     for metrics, color in zip(runs.values(), _run_colors(len(runs))):
         if metrics.get(key):
             ax.plot(range(len(metrics[key])), metrics[key], 'o-', color=color)
             values += [v for v in metrics[key] if v > 0 and math.isfinite(v)]
-    if values and max(values) > 20 * min(values):  # orders of magnitude apart: a log axis keeps both readable
-        from matplotlib.ticker import ScalarFormatter
+    if log_if_wide and values and max(values) > 20 * min(values):  # orders of magnitude apart (e.g. a ridged J)
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
 
         ax.set_yscale('log')
         ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ylabel += ' (log scale)'
     _depth_axes(ax, max(len(m['fisher']) for m in runs.values()), title, ylabel)
 
 
@@ -97,7 +99,7 @@ def plot_depth_metrics(runs: Mapping[str, dict], path: str | Path) -> Path:
         path: the PNG to write.
     """
     fig, axes = _figure(2, 2)
-    _depth_panel(axes[0], runs, 'fisher', "Fisher's criterion Tr(S_w⁻¹ S_B)", 'J')
+    _depth_panel(axes[0], runs, 'fisher', "Fisher's criterion Tr(S_w⁻¹ S_B)", 'J', log_if_wide=True)
     _depth_panel(axes[1], runs, 'probe_accuracy', 'linear probe (LDA), held out', 'top-1 (%)')
     _similarity_panel(axes[2], runs)
     if any(m.get('clamped_fraction') for m in runs.values()):
@@ -156,8 +158,9 @@ def _curve_panels(axes, history: dict[str, list[float]], name: str, titles: tupl
         ax.set(title=title, xlabel='epoch', ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True) if len(epochs) > 1 else FixedLocator(epochs))
         ax.grid(alpha=0.3)
-        if series:
-            ax.legend(fontsize='small')
+    handles = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[0]))
+    if handles[0]:  # one legend beside the panels, where it hides no curve
+        axes[0].figure.legend(*handles, loc='outside right center', fontsize='small', frameon=False)
     return drawn
 
 

@@ -45,9 +45,10 @@ def fit_linear_discriminant(features: Tensor, labels: Tensor, num_classes: int,
     counts = torch.bincount(labels, minlength=num_classes).double()
     if bool((counts == 0).any()):
         raise ValueError('Every class needs at least one sample in the probe\'s fit split; use more samples.')
-    means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype).index_add_(0, labels, x) / counts[:, None]
+    means = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    means /= counts[:, None]  # [C, D]
     s_w, _ = scatter_matrices(x, labels)
-    eye = torch.eye(len(s_w), dtype=x.dtype)
+    eye = torch.eye(len(s_w), dtype=x.dtype, device=x.device)
     cov = (1 - shrinkage) * s_w + shrinkage * s_w.trace() / len(s_w) * eye
     coef = torch.linalg.solve(cov, means.T)  # [D, C] = Σ⁻¹ μ_c
     intercept = -0.5 * (means * coef.T).sum(1) + torch.log(counts / counts.sum())  # [C]
@@ -63,6 +64,6 @@ def linear_probe_accuracy(features: Tensor, labels: Tensor, holdout: float = 0.5
         shrinkage: see ``fit_linear_discriminant``.
     """
     _, classes = torch.unique(labels, return_inverse=True)
-    fit, test = split_indices(len(labels), holdout, seed)
+    fit, test = (i.to(labels.device) for i in split_indices(len(labels), holdout, seed))
     predict = fit_linear_discriminant(features[fit], classes[fit], int(classes.max()) + 1, shrinkage)
     return float((predict(features[test]).argmax(1) == classes[test]).double().mean() * 100)

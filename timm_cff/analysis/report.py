@@ -81,7 +81,7 @@ def _notes(m: dict) -> list[str]:
              'listed as `fisher_ridge` in metrics.json); J is inflated there.' if ridged else
              'S_w was well conditioned at every block, so no ridge was added.')
     lines = ['How the numbers were computed:', '',
-             '- Features: the pooled (token-mean) output of each block, the vector its local loss sees.',
+             '- Features: the pooled (token-mean) output of each block; in a CFF model, the vector its loss sees.',
              f"- Fisher: Tr(S_w⁻¹ S_B) by a float64 linear solve over all {m['num_samples']} samples. {ridge} "
              'J is biased upwards when samples are few for the width, so compare runs on the same samples.',
              f"- Probe: closed-form linear discriminant (LDA, covariance shrinkage {s['probe_shrinkage']:g}), "
