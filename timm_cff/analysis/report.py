@@ -31,10 +31,12 @@ _FIGURES = {
                   'what separates classes; both rising together is a shared direction, not separation. R(k): the '
                   "share of same-class pairs that the block's margin no longer pulls together."),
     'tsne.png': ('t-SNE of each block, coloured by class',
-                 'Clusters that separate from left to right are classes becoming separable with depth.'),
-    'training_curves.png': ('Training curves', 'Per-block training and validation loss of the run, per epoch.'),
+                 'A class that gathers into its own cluster from one block to the next is becoming separable. '
+                 'Distances between far-apart clusters mean little in t-SNE.'),
+    'training_curves.png': ('Training curves',
+                            'Training and validation loss per epoch, one curve per block when the run logged them.'),
     'clamped_curves.png': ('R(k) during training',
-                           'Fraction of positive pairs with cos + m_l > 1 per block and epoch (they get no gradient).'),
+                           'Share of positive pairs with cos + m > 1 per block and epoch (they get no gradient).'),
 }
 
 
