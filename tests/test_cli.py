@@ -194,3 +194,20 @@ def test_torchrun_pipeline_of_two_processes_equals_sequential(tmp_path):
 def test_pipeline_stages_without_torchrun_is_refused(tmp_path, capsys):
     assert train(tmp_path, '--pipeline.stages=2') == 1
     assert 'launch with torchrun' in capsys.readouterr().err
+
+
+def test_analyze_a_run_and_an_export(tmp_path):
+    assert train(tmp_path, '--train.epochs=2', '--data.train_subset=1000') == 0  # 100 validation images
+    run = tmp_path / 'r'
+    header = (run / 'metrics.csv').read_text().splitlines()[0]
+    assert 'train_clamped_block0' in header and 'val_clamped_block1' in header  # R(k) logged during training
+    assert main(['analyze', str(run), '--samples=100', '--tsne-samples=30']) == 0
+    report = (run / 'analysis' / 'report.md').read_text()
+    metrics = json.loads((run / 'analysis' / 'metrics.json').read_text())
+    assert 'Fisher' in report and metrics['num_blocks'] == 2 and metrics['margins'] == pytest.approx([0.4, 0.1])
+    assert {p.name for p in (run / 'analysis').iterdir()} >= {'report.md', 'metrics.json', 'depth.png',
+                                                              'training_curves.png'}
+    assert main(['analyze', str(run / 'export'), '--out', str(tmp_path / 'a'), '--samples=100',
+                 '--tsne-samples=0']) == 0
+    from_export = json.loads((tmp_path / 'a' / 'metrics.json').read_text())
+    assert from_export['fisher'] == metrics['fisher'] and from_export['margins'] == metrics['margins']

@@ -5,6 +5,7 @@
     timm-cff probe runs/NAME [--probe.epochs=10]
     timm-cff eval runs/NAME | EXPORT_DIR [--data.root=...]
     timm-cff export runs/NAME [--out DIR] [--checkpoint final|best]
+    timm-cff analyze runs/NAME | EXPORT_DIR [--out DIR]
 
 The only module that prints and configures logging.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
 from .data import DataError
-from .engine import Progress, evaluate_export, evaluate_run, export_run, probe_run, train_run
+from .engine import Progress, analyze_path, evaluate_export, evaluate_run, export_run, probe_run, train_run
 from .run import CheckpointError, RunDir
 from .trainer import NonFiniteLossError
 
@@ -92,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument('--timing', action='store_true', help='also report milliseconds per test image of the '
                           'one-forward classifier and, for the FF family, of the C-pass prediction (Table 2)')
     _add_config_options(evaluate)
+    analyze = sub.add_parser('analyze', allow_abbrev=False, help='layer-wise report of a run or an export folder',
+                             description='Per-block Fisher criterion, linear-probe accuracy, clamped fraction R(k), '
+                             'anchor cosines, t-SNE maps and training curves, on the clean validation images, '
+                             'written as report.md + metrics.json + PNGs.')
+    analyze.add_argument('path', help='a run folder or an export folder (its dataset comes from timm_cff.json)')
+    analyze.add_argument('--out', help='output folder (default: PATH/analysis)')
+    analyze.add_argument('--samples', type=int, default=5000, help='validation images used (default: 5000)')
+    analyze.add_argument('--tsne-samples', type=int, default=1000, help='points per t-SNE map, 0: none '
+                         '(default: 1000)')
+    _add_config_options(analyze)
     export = sub.add_parser('export', allow_abbrev=False, help='write the timm folder of a run')
     export.add_argument('run_dir')
     export.add_argument('--out', help='output folder (default: RUN_DIR/export)')
@@ -143,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(args.path)
             result = evaluate_export(path, _overrides(args)) if (path / 'config.json').exists() else \
                 evaluate_run(path, _apply(_overrides(args)), timing=args.timing)
+        elif args.command == 'analyze':
+            result = analyze_path(args.path, args.out, _overrides(args), max_samples=args.samples,
+                                  tsne_samples=args.tsne_samples)
+            result = {'report': result['files'][0]}
         else:
             result = {'export': str(export_run(args.run_dir, args.out, args.checkpoint))}
     except NonFiniteLossError as e:
@@ -164,7 +179,7 @@ def _print_result(result: dict[str, Any]) -> None:
             print(f'{label}: ' + ', '.join(f'{k} {v:.2f}%' for k, v in accs.items()))
     for name, ms in result.get('timing_ms_per_image', {}).items():
         print(f'inference {name.replace("_", " ")}: {ms:.4f} ms/image')
-    for key in ('export', 'wall_time_s'):
+    for key in ('export', 'report', 'wall_time_s'):
         if result.get(key):
             print(f'{key}: {result[key]}')
 

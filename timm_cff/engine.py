@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .analysis import analyze, clamped_fraction_metric
 from .baselines import create_trainer, time_inference, train_one_pass_head
 from .config import Config, apply_overrides
-from .data import PreparedData, create_loaders, prepare_data
+from .data import BatchAugment, ImageLoader, PreparedData, create_loaders, prepare_data
 from .export import METADATA_FILE, export_model, load_encoder
 from .margins import MarginSchedule
 from .metrics import evaluate_accuracy, first_view
@@ -26,7 +27,7 @@ from .pipeline.session import start_distributed
 from .run import RunDir
 from .trainer import TrainerBase
 
-__all__ = ['train_run', 'probe_run', 'evaluate_run', 'evaluate_export', 'export_run', 'build_trainer',
+__all__ = ['train_run', 'probe_run', 'evaluate_run', 'evaluate_export', 'export_run', 'analyze_path', 'build_trainer',
            'resolve_device', 'seed_all', 'Progress', 'FF_METHODS']
 
 _logger = logging.getLogger(__name__)
@@ -75,8 +76,9 @@ def build_trainer(cfg: Config, model: nn.Module):
         common['lr'] = t.lr
     if t.method == 'cff':
         margins = MarginSchedule(t.margin_schedule, t.m0, t.m_last) if t.loss == 'marginal_supcon' else None
+        metrics = {'clamped': clamped_fraction_metric} if t.log_clamped else None
         return create_trainer('cff', model, loss=t.loss, margins=margins, loss_kwargs={'temperature': t.temperature},
-                              num_views=t.num_views, select_on=t.select_on, **common)
+                              num_views=t.num_views, select_on=t.select_on, stage_metrics=metrics, **common)
     if t.method in FF_METHODS:
         loss_kwargs = {'alpha': t.alpha} if t.method == 'symba' else {'threshold': t.threshold}
         return create_trainer(t.method, model, loss_kwargs=loss_kwargs, score_first_stage=t.score_first_stage,
@@ -293,7 +295,7 @@ def _finish(cfg: Config, run: RunDir, setup: _Setup, summary: dict, progress: Pr
     if cfg.run.export and not setup.is_ff:
         try:
             export_model(setup.model, run.export_path, data_config=_data_config(setup.data),
-                         metadata={'method': cfg.train.method, 'test': summary['test'], 'data': vars(cfg.data)})
+                         metadata=_metadata(cfg, setup, test=summary['test']))
             summary['export'] = str(run.export_path)
         except (TypeError, ValueError) as e:  # an MLP or a patch-ReLU ViT is no stock timm model
             _logger.warning('No timm export: %s Its weights are in %s.', e, run.checkpoint_path('final'))
@@ -393,15 +395,19 @@ def _timing(setup: _Setup) -> dict[str, float]:
     return timings
 
 
-def evaluate_export(export_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Test accuracy of an export folder; the dataset comes from its ``timm_cff.json`` and ``overrides``."""
-    export_path = Path(export_path)
+def _export_config(export_path: Path, overrides: dict[str, Any] | None) -> tuple[Config, nn.Module, dict]:
+    """The model of an export folder and a config whose data section comes from its ``timm_cff.json``."""
     meta_path = export_path / METADATA_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     model = load_encoder(export_path)
     cfg = apply_overrides(Config(), {'data': meta.get('data', {})})
     cfg.data.mean, cfg.data.std = list(model.pretrained_cfg['mean']), list(model.pretrained_cfg['std'])
-    apply_overrides(cfg, overrides or {})
+    return apply_overrides(cfg, overrides or {}), model, meta
+
+
+def evaluate_export(export_path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Test accuracy of an export folder; the dataset comes from its ``timm_cff.json`` and ``overrides``."""
+    cfg, model, _ = _export_config(Path(export_path), overrides)
     device = resolve_device(cfg.run.device)
     data = prepare_data(cfg.data)
     loaders = create_loaders(data, cfg.data, num_views=1, seed=cfg.run.seed, device=device)
@@ -417,4 +423,30 @@ def export_run(run_path: str | Path, out: str | Path | None = None, checkpoint: 
                          f'Its weights are in {run.checkpoint_path(checkpoint)}.')
     setup.load(run, checkpoint)
     return export_model(setup.model.cpu(), out or run.export_path, data_config=_data_config(setup.data),
-                        metadata={'method': cfg.train.method, 'checkpoint': checkpoint, 'data': vars(cfg.data)})
+                        metadata=_metadata(cfg, setup, checkpoint=checkpoint))
+
+
+def _metadata(cfg: Config, setup: _Setup, **extra: Any) -> dict[str, Any]:
+    """What an export folder records beside the timm files (``timm_cff.json``): enough to evaluate and analyse it."""
+    return {'method': cfg.train.method, 'margins': getattr(setup.trainer, 'margins', None), 'data': vars(cfg.data),
+            **extra}
+
+
+def analyze_path(path: str | Path, out: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                 **kwargs: Any) -> dict[str, Any]:
+    """The layer-wise report (``timm_cff.analysis.analyze``) of a run folder or an export folder, on the clean
+    validation images of its dataset; written to ``out`` (default ``PATH/analysis``)."""
+    path = Path(path)
+    if (path / 'config.json').exists():  # an export folder
+        cfg, model, meta = _export_config(path, overrides)
+        margins, history = meta.get('margins'), None
+    else:
+        run = RunDir(path)
+        cfg, setup = _setup_from_run(run, (lambda c: apply_overrides(c, overrides)) if overrides else None)
+        setup.load(run, 'final')
+        model, margins, history = setup.model, getattr(setup.trainer, 'margins', None), run.path / 'metrics.csv'
+    device = resolve_device(cfg.run.device)
+    data = prepare_data(cfg.data)
+    clean = ImageLoader(data.val, cfg.data.batch_size, BatchAugment(data.mean, data.std, train=False), device=device)
+    return analyze(model.to(device), clean, margins=margins, history_csv=history, out_dir=out or path / 'analysis',
+                   class_names=data.train.classes, title=f'Layer-wise analysis of {path.name}', **kwargs)
