@@ -88,6 +88,16 @@ def _build_optimizer(params: list[nn.Parameter], optimizer: Any, lr: float, weig
     return create_optimizer_v2(params, opt=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+def _autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None``/``'float32'`` -> ``None`` (no autocast); ``'bfloat16'``/``'float16'`` (or the dtypes) -> the dtype."""
+    names = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return None if dtype == torch.float32 else dtype
+    if dtype not in names:
+        raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {dtype!r}.")
+    return names[dtype]
+
+
 class LocalTrainer:
     """Layer-local training of an unmodified timm model with one loss and one optimizer per stage.
 
@@ -106,9 +116,16 @@ class LocalTrainer:
         optimizer_kwargs: extra optimizer arguments (``betas``, ``eps``, ...).
         scheduler: ``None`` (constant LR, official) or kwargs for ``timm.scheduler.create_scheduler_v2``.
         num_views: 2 (CFF) or 1 (the one-forward variant of Table 6).
-        fuse_views: run the V views as one V·B batch through each stage (faster; equal to separate passes).
+        fuse_views: run the V views as one V·B batch through each stage (``True``) or one pass per view
+            (``False``); equal results. ``None`` (default): fused on accelerators, separate on CPU, where one pass
+            per view measured faster (docs/performance.md).
         check_finite: refuse a NaN/inf loss before any weight changes (one host sync per step).
         select_on: which validation loss picks the best checkpoint: ``'last'`` stage (official) or ``'sum'``.
+        autocast_dtype: ``'bfloat16'`` or ``'float16'`` runs the stage forwards under ``torch.autocast`` (the
+            contrastive loss stays float32); float16 adds one gradient scaler shared by the stages, which skips a
+            stage's update when its gradients overflow. ``None`` (default): float32.
+        compile_stages: ``torch.compile`` the stages (``True``, or a dict of ``torch.compile`` kwargs). Off by
+            default: compiling takes minutes on CPU and pays off only on accelerators.
         stage_metrics: extra per-stage diagnostics ``{name: fn(features [B, V, D], labels, loss_fn) -> 0-d}``,
             computed on detached features and reported as ``{name}_block{i}`` (e.g. the clamped fraction R(k)).
     """
@@ -126,11 +143,13 @@ class LocalTrainer:
             optimizer_kwargs: dict | None = None,
             scheduler: dict | None = None,
             num_views: int = 2,
-            fuse_views: bool = True,
+            fuse_views: bool | None = None,
             check_finite: bool = True,
             select_on: str = 'last',
             stage_metrics: dict[str, Callable[[Tensor, Tensor, nn.Module], Tensor]] | None = None,
             stages: StageAdapter | None = None,
+            autocast_dtype: str | torch.dtype | None = None,
+            compile_stages: bool | dict = False,
     ):
         if num_views < 1:
             raise ValueError(f'num_views must be >= 1, got {num_views}.')
@@ -150,6 +169,11 @@ class LocalTrainer:
         self.check_finite = check_finite
         self.select_on = select_on
         self.stage_metrics = dict(stage_metrics or {})
+        self.autocast_dtype = _autocast_dtype(autocast_dtype)
+        use_scaler = self.autocast_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        if compile_stages:
+            self.stages.compile(**({} if compile_stages is True else dict(compile_stages)))
         self.num_updates = 0
         self.epoch = 0
 
@@ -197,7 +221,9 @@ class LocalTrainer:
         if self.check_finite:
             self._raise_if_not_finite(losses[0])
         for opt in self.optimizers:
-            opt.step()
+            self.scaler.step(opt) if self.scaler else opt.step()
+        if self.scaler:
+            self.scaler.update()
         self.num_updates += 1
         for sched in self.schedulers:
             sched.step_update(num_updates=self.num_updates)
@@ -225,18 +251,20 @@ class LocalTrainer:
             The stage output ``[VB, ...]`` (still attached to this stage's graph only) and ``[1 + M]``: the detached
             loss followed by the ``stage_metrics`` values.
         """
-        h = self._forward_stage(index, h.detach())  # [VB, ...]
-        z = self.stages.pool(h)  # [VB, D], view-major
-        features = z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1)  # [B, V, D]
-        loss_fn = self.losses[index]
-        loss = loss_fn(features, labels)
-        if backward:
-            loss.backward()  # the graph holds stage `index` only: its input is detached
+        with torch.autocast(h.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            h = self._forward_stage(index, h.detach())  # [VB, ...]; no gradient is ever computed for the input
+            z = self.stages.pool(h)  # [VB, D], view-major
+            features = z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1)  # [B, V, D]
+            loss_fn = self.losses[index]
+            loss = loss_fn(features, labels)
+        if backward:  # the graph holds stage `index` only: its input is detached
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
         extras = [fn(features.detach(), labels, loss_fn) for fn in self.stage_metrics.values()]
         return h, torch.stack([loss.detach(), *extras])
 
     def _forward_stage(self, index: int, h: Tensor) -> Tensor:
-        if self.fuse_views:
+        fuse = self.fuse_views if self.fuse_views is not None else h.device.type != 'cpu'
+        if fuse or self.num_views == 1:
             return self.stages.forward_stage(index, h)
         return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(self.num_views)])
 
@@ -277,6 +305,7 @@ class LocalTrainer:
             'model': self.model.state_dict(),
             'optimizers': [opt.state_dict() for opt in self.optimizers],
             'schedulers': [sched.state_dict() for sched in self.schedulers],
+            **({'scaler': self.scaler.state_dict()} if self.scaler else {}),
             'num_updates': self.num_updates,
             'epoch': self.epoch,
         }
@@ -290,6 +319,8 @@ class LocalTrainer:
             opt.load_state_dict(opt_state)
         for sched, sched_state in zip(self.schedulers, state.get('schedulers', [])):
             sched.load_state_dict(sched_state)
+        if self.scaler and 'scaler' in state:
+            self.scaler.load_state_dict(state['scaler'])
         self.num_updates = state['num_updates']
         self.epoch = state.get('epoch', 0)
 

@@ -1,0 +1,70 @@
+"""The benchmark keeps working (``--quick``), its byte accounting is exact, and its memory measurement can tell a
+model that holds one stage's activations from one that holds them all."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from timm_cff.bench import (BenchSetup, create_bench_batch, create_step, measure_memory, memory_in_subprocess,
+                            state_bytes, time_methods)
+
+TINY = BenchSetup(embed_dim=32, num_heads=2, depth=2, img_size=16, batch_size=8)
+SCRIPT = Path(__file__).resolve().parent.parent / 'benchmarks' / 'run_benchmark.py'
+
+
+def test_state_bytes_are_exact_for_adamw():
+    model, step, optimizers = create_step('bp', TINY)
+    step(create_bench_batch(TINY, views=1))
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    sizes = state_bytes(model, optimizers)
+    assert sizes['param_bytes'] == sizes['grad_bytes'] == 4 * n
+    assert sizes['optimizer_bytes'] == 2 * 4 * n + 4 * len(params)  # exp_avg, exp_avg_sq, a float32 step each
+
+
+def test_cff_grads_cover_the_stages_only():
+    model, step, optimizers = create_step('cff_2view', TINY)
+    step(create_bench_batch(TINY))
+    head = sum(p.numel() for name, p in model.named_parameters() if name.startswith(('fc_norm', 'head')))
+    assert state_bytes(model, optimizers)['grad_bytes'] == 4 * (sum(p.numel() for p in model.parameters()) - head)
+
+
+def test_time_methods_interleaves_and_reports_ratios():
+    out = time_methods(TINY, ['cff_2view', 'cff_1view', 'ff', 'bp'], warmup=1, repeats=2)
+    assert 'pending' in out['ff']['skipped']
+    assert out['bp']['wall_ratio']['median'] == 1.0
+    for method in ('cff_2view', 'cff_1view'):
+        assert len(out[method]['wall_s']) == 2 and out[method]['wall']['median'] > 0
+        assert out[method]['wall_ratio']['median'] > 0 and out[method]['cpu']['median'] > 0
+
+
+def test_measure_memory_accounting_is_consistent():
+    r = measure_memory('cff_1view', TINY)
+    assert r['activation_bytes'] == r['total_bytes'] - r['param_bytes'] - r['grad_bytes'] - r['optimizer_bytes']
+    assert r['batch_bytes'] == 8 * 3 * 16 * 16 * 4 + 8 * 8  # one view and int64 labels
+
+
+@pytest.mark.slow
+def test_cff_activation_peak_is_far_below_bp_at_depth():
+    """Depth 8, 64 tokens: BP keeps 8 blocks of activations, CFF one block (of a 2B batch)."""
+    setup = BenchSetup(embed_dim=64, num_heads=2, depth=8, img_size=32, batch_size=64)
+    cff = memory_in_subprocess('cff_2view', setup, threads=1)['activation_bytes']
+    bp = memory_in_subprocess('bp', setup, threads=1)['activation_bytes']
+    assert cff < 0.5 * bp
+
+
+def test_benchmark_script_quick_mode(tmp_path):
+    spec = importlib.util.spec_from_file_location('run_benchmark', SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    script.main(['--quick', '--memory-methods', 'cff_2view', '--out', str(tmp_path / 'quick')])
+    torch.set_num_threads(threads)
+    result = json.loads((tmp_path / 'quick.json').read_text())
+    assert set(result['time']) == {'cff_2view', 'cff_1view', 'ff', 'bp', 'bp_ckpt'}
+    assert set(result['memory']['cff_2view']) == {'1', '2'}
+    assert 'cff_2view_time_ratio' in result['targets']
+    markdown = (tmp_path / 'quick.md').read_text()
+    assert '| cff_2view |' in markdown and 'Peak memory' in markdown
