@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--img-size', type=int, default=32)
     p.add_argument('--patch-size', type=int, default=4)
     p.add_argument('--batch-size', type=int, default=256)
-    p.add_argument('--methods', default='cff_2view,cff_1view,ff,bp,bp_ckpt', help=f'of {sorted(METHODS)}')
+    p.add_argument('--methods', default='cff_2view,cff_2view_unfused,cff_1view,ff,bp,bp_ckpt',
+                   help=f'of {sorted(METHODS)}')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--repeats', type=int, default=9)
     p.add_argument('--steps', type=int, default=1, help='steps per timed repeat')
@@ -50,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--quick', action='store_true', help='tiny model, a few steps: checks that the benchmark runs')
     p.add_argument('--plot', action='store_true', help='also write <out>.png (needs the plot extra)')
     p.add_argument('--out', default='benchmarks/results/benchmark', help='output prefix for .json/.md(/.png)')
+    p.add_argument('--from-json', default=None, help='re-render the Markdown (and plot) of a saved result')
     return p.parse_args(argv)
 
 
@@ -174,8 +176,11 @@ def plot(result: dict, path: Path) -> None:
         depths = sorted(by_depth)
         for ax, key in zip(axes[:2], ('activation_bytes', 'total_bytes')):
             ax.plot(depths, [by_depth[d][key] / 2**20 for d in depths], marker='o', label=method)
+    depths = sorted({d for by_depth in result.get('memory', {}).values() for d in by_depth if d != 'skipped'})
     for ax, title in zip(axes[:2], ('activation peak', 'total peak')):
-        ax.set(xlabel='depth L', ylabel='MiB', title=title, xscale='log', yscale='log')
+        ax.set(xlabel='depth L', ylabel='MiB', title=title, yscale='log')
+        ax.set_xscale('log', base=2)
+        ax.set_xticks(depths, [str(d) for d in depths])
         ax.legend()
     timed = {m: r['wall_ratio'] for m, r in result.get('time', {}).items() if 'wall_ratio' in r}
     axes[2].bar(list(timed), [r['median'] for r in timed.values()],
@@ -186,19 +191,28 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def load_result(path: str) -> dict:
+    """A saved result with its depth keys turned back into integers."""
+    result = json.loads(Path(path).read_text())
+    for method, by_depth in result.get('memory', {}).items():
+        result['memory'][method] = {(int(k) if k.isdigit() else k): v for k, v in by_depth.items()}
+    return result
+
+
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
-    result = run(args)
+    result = load_result(args.from_json) if args.from_json else run(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.json').write_text(json.dumps(result, indent=1))
+    if not args.from_json:
+        out.with_suffix('.json').write_text(json.dumps(result, indent=1))
     markdown = to_markdown(result)
     out.with_suffix('.md').write_text(markdown)
     if args.plot:
         plot(result, out.with_suffix('.png'))
     print(markdown)
-    print(f"wrote {out.with_suffix('.json')} and .md in {result['wall_time_s']:.0f} s")
+    print(f"wrote {out}.* (the measurements took {result['wall_time_s']:.0f} s)")
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ from timm_cff.bench import (BenchSetup, create_bench_batch, create_step, measure
                             state_bytes, time_methods)
 
 TINY = BenchSetup(embed_dim=32, num_heads=2, depth=2, img_size=16, batch_size=8)
-SCRIPT = Path(__file__).resolve().parent.parent / 'benchmarks' / 'run_benchmark.py'
+BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
 
 
 def test_state_bytes_are_exact_for_adamw():
@@ -55,16 +55,27 @@ def test_cff_activation_peak_is_far_below_bp_at_depth():
     assert cff < 0.5 * bp
 
 
-def test_benchmark_script_quick_mode(tmp_path):
-    spec = importlib.util.spec_from_file_location('run_benchmark', SCRIPT)
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f'{name}.py')
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_benchmark_script_quick_mode(tmp_path):
+    script = _load_script('run_benchmark')
     threads = torch.get_num_threads()
     script.main(['--quick', '--memory-methods', 'cff_2view', '--out', str(tmp_path / 'quick')])
     torch.set_num_threads(threads)
     result = json.loads((tmp_path / 'quick.json').read_text())
-    assert set(result['time']) == {'cff_2view', 'cff_1view', 'ff', 'bp', 'bp_ckpt'}
+    assert set(result['time']) == {'cff_2view', 'cff_2view_unfused', 'cff_1view', 'ff', 'bp', 'bp_ckpt'}
     assert set(result['memory']['cff_2view']) == {'1', '2'}
     assert 'cff_2view_time_ratio' in result['targets']
     markdown = (tmp_path / 'quick.md').read_text()
     assert '| cff_2view |' in markdown and 'Peak memory' in markdown
+
+
+def test_loss_benchmark_runs(tmp_path):
+    _load_script('bench_loss').main(['--sizes', '32', '--repeats', '1', '--out', str(tmp_path / 'loss')])
+    result = json.loads((tmp_path / 'loss.json').read_text())['results']['32']
+    assert result['lean']['saved_bytes'] < result['autograd_reference']['saved_bytes']
