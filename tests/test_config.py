@@ -70,3 +70,21 @@ def test_every_recipe_loads_and_says_what_it_reproduces(recipe):
         assert (cfg.data.batch_size, cfg.probe.lr, cfg.train.temperature) == (512, 5e-4, 0.15)
         assert cfg.train.lr in (None, 4e-3)  # None: the method's official value
         assert cfg.model.mlp_ratio == 2 and cfg.train.epochs == 600 and cfg.probe.epochs == 50
+
+
+def test_autocast_and_compile_reach_the_cff_trainer_only():
+    import timm
+    import torch
+
+    from timm_cff.engine import build_trainer
+
+    def vit():
+        return timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
+                                 num_classes=3, global_pool='avg', class_token=False)
+    trainer = build_trainer(load_config(None, {'train.autocast': 'bfloat16'}), vit())
+    assert trainer.autocast_dtype == torch.bfloat16 and trainer.scaler is None
+    assert build_trainer(load_config(None, {'train.autocast': 'float16'}), vit()).scaler is not None
+    with pytest.raises(ConfigError, match='train.method=cff only'):
+        build_trainer(load_config(None, {'train.method': 'bp', 'train.autocast': 'bfloat16'}), vit())
+    with pytest.raises(ValueError, match="autocast_dtype must be None, 'bfloat16' or 'float16'"):
+        build_trainer(load_config(None, {'train.autocast': 'bf16'}), vit())

@@ -93,6 +93,8 @@ class TrainConfig:
     score_first_stage: bool = opt(False, 'ff family: also score stage 1 in prediction and selection (paper: "all '
                                          'layers"; default: stages 2..L as Hinton and the official code)')
     select_on: str = opt('last', "validation loss that picks the best checkpoint: 'last' stage (official) or 'sum'")
+    autocast: str | None = opt(None, "cff: run the stages under torch.autocast in 'bfloat16' or 'float16' (GPU speed)")
+    compile: bool = opt(False, 'cff: torch.compile every block (pays off on GPUs; minutes of compiling on CPU)')
     log_clamped: bool = opt(True, 'cff: log the fraction of positive pairs in the clamped set R(k) per block and epoch')
     max_steps: int | None = opt(None, 'stop each epoch after N batches (smoke runs)')
 

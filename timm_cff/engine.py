@@ -16,7 +16,7 @@ from torch import nn
 
 from .analysis import analyze, clamped_fraction_metric
 from .baselines import create_trainer, time_inference, train_one_pass_head
-from .config import Config, apply_overrides
+from .config import Config, ConfigError, apply_overrides
 from .data import BatchAugment, ImageLoader, PreparedData, create_loaders, prepare_data
 from .export import METADATA_FILE, export_model, load_encoder
 from .margins import MarginSchedule
@@ -74,11 +74,15 @@ def build_trainer(cfg: Config, model: nn.Module):
     common = dict(optimizer=t.optimizer, weight_decay=t.weight_decay)
     if t.lr is not None:
         common['lr'] = t.lr
+    if t.method != 'cff' and (t.autocast or t.compile):
+        raise ConfigError(f'train.autocast and train.compile apply to train.method=cff only, not {t.method!r}; '
+                          'remove them from the config.')
     if t.method == 'cff':
         margins = MarginSchedule(t.margin_schedule, t.m0, t.m_last) if t.loss == 'marginal_supcon' else None
         metrics = {'clamped': clamped_fraction_metric} if t.log_clamped else None
         return create_trainer('cff', model, loss=t.loss, margins=margins, loss_kwargs={'temperature': t.temperature},
-                              num_views=t.num_views, select_on=t.select_on, stage_metrics=metrics, **common)
+                              num_views=t.num_views, select_on=t.select_on, stage_metrics=metrics,
+                              autocast_dtype=t.autocast, compile_stages=t.compile, **common)
     if t.method in FF_METHODS:
         loss_kwargs = {'alpha': t.alpha} if t.method == 'symba' else {'threshold': t.threshold}
         return create_trainer(t.method, model, loss_kwargs=loss_kwargs, score_first_stage=t.score_first_stage,

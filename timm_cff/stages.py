@@ -13,6 +13,7 @@ Other model families plug in with ``register_stages(model_class)`` on a class wi
 """
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 __all__ = ['StageAdapter', 'VitStages', 'create_stages', 'register_stages', 'HEAD_MODULES']
@@ -44,6 +45,10 @@ class StageAdapter:
     def pool(self, h: Tensor) -> Tensor:
         """A stage output reduced to one feature vector per sample: ``[B, ...] -> [B, D]``."""
         raise NotImplementedError
+
+    def compile(self, **kwargs) -> None:
+        """Optional: run ``forward_stage`` through ``torch.compile`` (``kwargs`` go to it); the model is unchanged."""
+        raise NotImplementedError(f'{type(self).__name__} does not support compiling its stages.')
 
 
 _ADAPTERS: dict[type, Callable[[nn.Module], StageAdapter]] = {}
@@ -98,6 +103,7 @@ class VitStages(StageAdapter):
         _check_vit(model)
         self.model = model
         self.num_stages = len(model.blocks)
+        self._compiled_blocks: list[nn.Module] | None = None
         if self.num_stages < 1:
             raise ValueError('The model has no transformer blocks to train.')
         self._check_ownership()
@@ -111,7 +117,15 @@ class VitStages(StageAdapter):
         """``[B, C, H, W]`` (stage 0) or ``[B, N, D]`` -> ``[B, N, D]``."""
         if index == 0:
             h = self.embed(h)
-        return self.model.blocks[index](h)
+        blocks = self._compiled_blocks or self.model.blocks
+        return blocks[index](h)
+
+    def compile(self, **kwargs) -> None:
+        """``torch.compile`` every block; identical blocks share one compiled graph. The embedding stays eager.
+
+        The compiled wrappers share the blocks' parameters, so the model and its ``state_dict`` are unchanged.
+        """
+        self._compiled_blocks = [torch.compile(block, **kwargs) for block in self.model.blocks]
 
     def pool(self, h: Tensor) -> Tensor:
         """``[B, N, D] -> [B, D]`` with the model's own pooling (token mean without prefix tokens for 'avg')."""

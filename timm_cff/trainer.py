@@ -91,6 +91,16 @@ def _build_optimizer(params: list[nn.Parameter], optimizer: Any, lr: float, weig
     return create_optimizer_v2(params, opt=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+def _autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``None``/``'float32'`` -> ``None`` (no autocast); ``'bfloat16'``/``'float16'`` (or the dtypes) -> the dtype."""
+    names = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return None if dtype == torch.float32 else dtype
+    if dtype not in names:
+        raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {dtype!r}.")
+    return names[dtype]
+
+
 def _build_scheduler(optimizer: torch.optim.Optimizer, kwargs: dict):
     from timm.scheduler import create_scheduler_v2
     return create_scheduler_v2(optimizer, **kwargs)[0]
@@ -112,6 +122,7 @@ class TrainerBase:
     check_finite: bool = True
     num_updates: int = 0
     epoch: int = 0
+    scaler: torch.amp.GradScaler | None = None  # float16 autocast only
     selection_key: str  # the evaluate() entry whose minimum picks the best checkpoint
     predict: Callable[[Tensor], Tensor]  # inputs [B, ...] -> class scores [B, C]
     _update: Callable[[Any, Tensor], Tensor]  # (views, labels) -> detached per-batch statistics, after one update
@@ -169,6 +180,7 @@ class TrainerBase:
             'model': self.model.state_dict(),
             'optimizers': [opt.state_dict() for opt in self.optimizers],
             'schedulers': [sched.state_dict() for sched in self.schedulers],
+            **({'scaler': self.scaler.state_dict()} if self.scaler else {}),
             'num_updates': self.num_updates,
             'epoch': self.epoch,
         }
@@ -182,6 +194,8 @@ class TrainerBase:
             opt.load_state_dict(opt_state)
         for sched, sched_state in zip(self.schedulers, state.get('schedulers', [])):
             sched.load_state_dict(sched_state)
+        if self.scaler and 'scaler' in state:
+            self.scaler.load_state_dict(state['scaler'])
         self.num_updates = state['num_updates']
         self.epoch = state.get('epoch', 0)
 
@@ -201,7 +215,9 @@ class TrainerBase:
     def step_stages(self, stages: Sequence[int], num_updates: int) -> None:
         """Step the optimizers of ``stages``, then move their per-update schedulers to ``num_updates``."""
         for index in stages:
-            self.optimizers[index].step()
+            self.scaler.step(self.optimizers[index]) if self.scaler else self.optimizers[index].step()
+        if self.scaler:
+            self.scaler.update()
         for index in stages if self.schedulers else ():
             self.schedulers[index].step_update(num_updates=num_updates)
 
@@ -262,9 +278,16 @@ class LocalTrainer(TrainerBase):
         optimizer_kwargs: extra optimizer arguments (``betas``, ``eps``, ...).
         scheduler: ``None`` (constant LR, official) or kwargs for ``timm.scheduler.create_scheduler_v2``.
         num_views: 2 (CFF) or 1 (the one-forward variant of Table 6).
-        fuse_views: run the V views as one V·B batch through each stage (faster; equal to separate passes).
+        fuse_views: run the V views as one V·B batch through each stage (``True``) or one pass per view
+            (``False``); equal results. Fused was faster on a 2-thread CPU, one pass per view on 1 thread
+            (docs/performance.md).
         check_finite: refuse a NaN/inf loss before any weight changes (one host sync per step).
         select_on: which validation loss picks the best checkpoint: ``'last'`` stage (official) or ``'sum'``.
+        autocast_dtype: ``'bfloat16'`` or ``'float16'`` runs the stage forwards under ``torch.autocast`` (the
+            contrastive loss stays float32); float16 adds one gradient scaler shared by the stages, which skips a
+            stage's update when its gradients overflow. ``None`` (default): float32.
+        compile_stages: ``torch.compile`` the stages (``True``, or a dict of ``torch.compile`` kwargs). Off by
+            default: compiling takes minutes on CPU and pays off only on accelerators.
         stage_metrics: extra per-stage diagnostics ``{name: fn(features [B, V, D], labels, loss_fn) -> 0-d}``,
             computed on detached features and reported as ``{name}_block{i}`` (e.g. the clamped fraction R(k)).
     """
@@ -287,6 +310,8 @@ class LocalTrainer(TrainerBase):
             select_on: str = 'last',
             stage_metrics: dict[str, Callable[[Tensor, Tensor, nn.Module], Tensor]] | None = None,
             stages: StageAdapter | None = None,
+            autocast_dtype: str | torch.dtype | None = None,
+            compile_stages: bool | dict = False,
     ):
         if num_views < 1:
             raise ValueError(f'num_views must be >= 1, got {num_views}.')
@@ -306,6 +331,11 @@ class LocalTrainer(TrainerBase):
         self.check_finite = check_finite
         self.select_on = select_on
         self.stage_metrics = dict(stage_metrics or {})
+        self.autocast_dtype = _autocast_dtype(autocast_dtype)
+        use_scaler = self.autocast_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
+        if compile_stages:
+            self.stages.compile(**({} if compile_stages is True else dict(compile_stages)))
         self.num_updates = 0
         self.epoch = 0
 
@@ -369,18 +399,19 @@ class LocalTrainer(TrainerBase):
             The stage output ``[VB, ...]`` (still attached to this stage's graph only) and ``[1 + M]``: the detached
             loss followed by the ``stage_metrics`` values.
         """
-        h = self._forward_stage(index, h.detach())  # [VB, ...]
-        z = self.stages.pool(h)  # [VB, D], view-major
-        features = z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1)  # [B, V, D]
-        loss_fn = self.losses[index]
-        loss = loss_fn(features, labels)
-        if backward:
-            loss.backward()  # the graph holds stage `index` only: its input is detached
+        with torch.autocast(h.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            h = self._forward_stage(index, h.detach())  # [VB, ...]; no gradient is ever computed for the input
+            z = self.stages.pool(h)  # [VB, D], view-major
+            features = z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1)  # [B, V, D]
+            loss_fn = self.losses[index]
+            loss = loss_fn(features, labels)
+        if backward:  # the graph holds stage `index` only: its input is detached
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
         extras = [fn(features.detach(), labels, loss_fn) for fn in self.stage_metrics.values()]
         return h, torch.stack([loss.detach(), *extras])
 
     def _forward_stage(self, index: int, h: Tensor) -> Tensor:
-        if self.fuse_views:
+        if self.fuse_views or self.num_views == 1:
             return self.stages.forward_stage(index, h)
         return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(self.num_views)])
 

@@ -5,6 +5,11 @@
 - ``marginal_supcon``: the CFF+M loss, Eqs. 14/15 of Aghagolzadeh & Ezoji, "Contrastive Forward-Forward"
   (Neural Networks 2025, arXiv 2502.00571): positive similarities become ``min(cos + m, 1)`` in the numerator and
   the denominator; negatives are untouched. ``margin=0`` is exactly ``supcon``.
+
+``marginal_supcon_loss`` (what both loss classes call) computes the same numbers as ``supcon_from_similarity`` with a
+hand-written backward: it keeps no [V·B, V·B] tensor between the forward and the backward pass (only the features and
+two [V·B] vectors) and recomputes the similarities in the backward, so a stage never holds more than one such matrix
+at a time (plus boolean masks). ``supcon_from_similarity`` stays as the readable autograd reference.
 """
 from collections.abc import Sequence
 
@@ -29,6 +34,17 @@ def stack_views(features: Tensor | Sequence[Tensor]) -> Tensor:
     return features
 
 
+def _check_labels(features: Tensor, labels: Tensor | None) -> Tensor:
+    """``[B]`` labels on the features' device; ``None`` gives every sample its own class (SimCLR)."""
+    batch = features.shape[0]
+    if labels is None:
+        return torch.arange(batch, device=features.device)
+    if labels.shape != (batch,):
+        raise ValueError(f'Labels must have shape [{batch}] to match features {tuple(features.shape)}, '
+                         f'got {tuple(labels.shape)}.')
+    return labels.to(features.device)
+
+
 def pairwise_cosine(features: Tensor | Sequence[Tensor], labels: Tensor | None) -> tuple[Tensor, Tensor]:
     """Cosine similarities of all V·B anchors (view-major) and which pairs are positives.
 
@@ -41,13 +57,8 @@ def pairwise_cosine(features: Tensor | Sequence[Tensor], labels: Tensor | None) 
     """
     features = stack_views(features)
     batch, views, _ = features.shape
-    if labels is None:
-        labels = torch.arange(batch, device=features.device)
-    if labels.shape != (batch,):
-        raise ValueError(f'Labels must have shape [{batch}] to match features {tuple(features.shape)}, '
-                         f'got {tuple(labels.shape)}.')
     z = F.normalize(features.transpose(0, 1).reshape(views * batch, -1), dim=1)  # view-major [VB, D]
-    tiled = labels.to(features.device).repeat(views)  # [VB]
+    tiled = _check_labels(features, labels).repeat(views)  # [VB]
     pos = tiled[:, None] == tiled[None, :]
     pos.fill_diagonal_(False)
     return z @ z.T, pos
@@ -81,9 +92,72 @@ def marginal_supcon_loss(
         margin: float = 0.0,
         reduction: str = 'mean',
 ) -> Tensor:
-    """Eq. 15 of the CFF paper (Eq. 3 at ``margin=0``); see ``MarginalSupConLoss``. Returns a scalar."""
-    sim, pos = pairwise_cosine(features, labels)
-    return supcon_from_similarity(sim, pos, temperature, margin, reduction)
+    """Eq. 15 of the CFF paper (Eq. 3 at ``margin=0``); see ``MarginalSupConLoss``.
+
+    Equal to ``supcon_from_similarity(*pairwise_cosine(features, labels), ...)`` in value and gradient, but held in
+    memory as features only; computed in float32 (or float64) even under autocast, where exp(q/τ) needs the range.
+
+    Returns:
+        A scalar, or the per-anchor losses ``[V·B]`` (view-major) for ``reduction='none'``.
+    """
+    features = stack_views(features)
+    labels = _check_labels(features, labels)
+    if features.dtype in (torch.float16, torch.bfloat16):
+        features = features.float()
+    batch, views, _ = features.shape
+    with torch.autocast(features.device.type, enabled=False):
+        z = F.normalize(features.transpose(0, 1).reshape(views * batch, -1), dim=1)  # view-major [VB, D]
+        loss = _MarginalSupCon.apply(z, labels.repeat(views), float(temperature), float(margin))  # [VB]
+    if reduction == 'none':
+        return loss
+    return loss.mean() if reduction == 'mean' else loss.sum()
+
+
+def _margined_similarity(z: Tensor, tiled: Tensor, margin: float) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``q [N, N]`` of Eq. 15 (positives ``min(s + m, 1)``, others ``s``), ``pos [N, N]`` and the clamped positives.
+
+    ``q`` is the only float [N, N] tensor; every step after the product works on it in place.
+    """
+    q = z @ z.T
+    pos = tiled[:, None] == tiled[None, :]
+    pos.fill_diagonal_(False)
+    if not margin:
+        return q, pos, None
+    q.add_(pos, alpha=margin)
+    clamped = (q > 1.0).logical_and_(pos)
+    return q.masked_fill_(clamped, 1.0), pos, clamped
+
+
+class _MarginalSupCon(torch.autograd.Function):
+    """Per-anchor Eq. 15 on normalised features ``z [N, D]`` with tiled labels ``[N]``; the backward recomputes ``q``.
+
+    With ``lse_i = log Σ_{a≠i} exp(q_ia/τ)``: ``ℓ_i = lse_i − Σ_p q_ip / (τ|P(i)|)`` (0 without positives), so
+    ``∂ℓ_i/∂q_ij = (softmax_ij − pos_ij / |P(i)|) / τ``, zero where the clamp is active (Eq. A.5), and
+    ``∂/∂z = (G + Gᵀ) z`` for ``s = z zᵀ``.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, tiled: Tensor, temperature: float, margin: float) -> Tensor:
+        q, pos, _ = _margined_similarity(z, tiled, margin)
+        logits = q.div_(temperature)
+        num_pos = pos.sum(dim=1)
+        pos_logits = (logits * pos).sum(dim=1)
+        log_denominator = torch.logsumexp(logits.fill_diagonal_(float('-inf')), dim=1)  # A(i): all but self
+        ctx.save_for_backward(z, tiled, log_denominator, num_pos)
+        ctx.temperature, ctx.margin = temperature, margin
+        return (num_pos * log_denominator - pos_logits) / num_pos.clamp(min=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        z, tiled, log_denominator, num_pos = ctx.saved_tensors
+        q, pos, clamped = _margined_similarity(z, tiled, ctx.margin)
+        g = q.div_(ctx.temperature).fill_diagonal_(float('-inf')).sub_(log_denominator[:, None]).exp_()  # softmax
+        g.mul_((grad * (num_pos > 0))[:, None])
+        g.addcmul_(pos, (grad / num_pos.clamp(min=1))[:, None], value=-1.0)
+        if clamped is not None:
+            g.masked_fill_(clamped, 0.0)
+        g.div_(ctx.temperature)
+        return (g + g.T) @ z, None, None, None
 
 
 def _check_args(temperature: float, margin: float, reduction: str) -> None:
