@@ -91,14 +91,20 @@ class RunDir:
         return load_config(self.config_path)
 
     def check_resumable(self, config: Config, may_differ: tuple[str, ...] = ('run.quiet', 'run.device',
-                                                                             'data.workers')) -> None:
-        """Refuse to resume with a config that differs from the saved one (except ``may_differ`` keys)."""
+                                                                             'data.workers', 'train.epochs')) -> None:
+        """Refuse to resume with a config that differs from the saved one (except ``may_differ`` keys), then save it.
+
+        ``train.epochs`` may change: learning rates are constant and every epoch is seeded by its index, so a run
+        extended from N to M epochs continues exactly as an M-epoch run would have.
+        """
         saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
         changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k) and k not in may_differ)
         if changed:
             details = '; '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed[:5])
             raise ConfigError(f'Cannot resume {self.path} with a different config ({details}). Resume without '
-                              'overrides, or start a new run.')
+                              'overrides (--train.epochs may change), or start a new run.')
+        if saved != new:
+            _atomic_write(self.config_path, lambda tmp: save_config(config, tmp))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
