@@ -69,7 +69,7 @@ def main() -> None:
     table = {name: round(statistics.median(v), 1) for name, v in results.items()}
     base = table['timm-cff ImageLoader (batched)']
     for name, value in table.items():
-        print(f'{name:40s} {value:10.1f} images/s  ({base / value:.1f}x slower than batched)' if value != base
+        print(f'{name:40s} {value:10.1f} images/s  (batched is {base / value:.2f}x this)' if value != base
               else f'{name:40s} {value:10.1f} images/s')
     print(json.dumps({'randaugment': args.randaugment, 'threads': torch.get_num_threads(), 'images_per_s': results}))
 
