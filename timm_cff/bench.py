@@ -91,7 +91,7 @@ def create_bench_batch(setup: BenchSetup, views: int = 2, batch_size: int | None
     return tuple(x.to(setup.device) for x in xs), labels.to(setup.device)
 
 
-def _cff(num_views: int, fuse_views: bool = True):
+def _cff(num_views: int, fuse_views: bool | None = True):
     def build(model: nn.Module, setup: BenchSetup) -> tuple[Step, list[torch.optim.Optimizer]]:
         trainer = LocalTrainer(model, num_views=num_views, fuse_views=fuse_views,
                                autocast_dtype=setup.autocast_dtype, compile_stages=setup.compile)
@@ -132,9 +132,9 @@ def _ff(model: nn.Module, setup: BenchSetup) -> tuple[Step, list[torch.optim.Opt
 
 #: name -> (builder, number of views the method consumes)
 METHODS: dict[str, tuple[Callable, int]] = {
-    'cff_2view': (_cff(2), 2),
+    'cff_2view': (_cff(2), 2),  # both views as one 2B batch (the trainer's default on accelerators)
     'cff_1view': (_cff(1), 1),
-    'cff_2view_unfused': (_cff(2, fuse_views=False), 2),  # one pass per view
+    'cff_2view_unfused': (_cff(2, fuse_views=False), 2),  # one pass per view (the trainer's default on CPU)
     'ff': (_ff, 1),
     'bp': (_bp(), 1),
     'bp_ckpt': (_bp(checkpointing=True), 1),

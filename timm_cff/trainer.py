@@ -279,8 +279,8 @@ class LocalTrainer(TrainerBase):
         scheduler: ``None`` (constant LR, official) or kwargs for ``timm.scheduler.create_scheduler_v2``.
         num_views: 2 (CFF) or 1 (the one-forward variant of Table 6).
         fuse_views: run the V views as one V·B batch through each stage (``True``) or one pass per view
-            (``False``); equal results. Fused was faster on a 2-thread CPU, one pass per view on 1 thread
-            (docs/performance.md).
+            (``False``); equal results up to float rounding. ``None`` (default): one pass per view on CPU, where it
+            measured faster with 1 and 2 threads, one V·B batch on accelerators (docs/performance.md).
         check_finite: refuse a NaN/inf loss before any weight changes (one host sync per step).
         select_on: which validation loss picks the best checkpoint: ``'last'`` stage (official) or ``'sum'``.
         autocast_dtype: ``'bfloat16'`` or ``'float16'`` runs the stage forwards under ``torch.autocast`` (the
@@ -305,7 +305,7 @@ class LocalTrainer(TrainerBase):
             optimizer_kwargs: dict | None = None,
             scheduler: dict | None = None,
             num_views: int = 2,
-            fuse_views: bool = True,
+            fuse_views: bool | None = None,
             check_finite: bool = True,
             select_on: str = 'last',
             stage_metrics: dict[str, Callable[[Tensor, Tensor, nn.Module], Tensor]] | None = None,
@@ -411,7 +411,8 @@ class LocalTrainer(TrainerBase):
         return h, torch.stack([loss.detach(), *extras])
 
     def _forward_stage(self, index: int, h: Tensor) -> Tensor:
-        if self.fuse_views or self.num_views == 1:
+        fuse = self.fuse_views if self.fuse_views is not None else h.device.type != 'cpu'
+        if fuse or self.num_views == 1:
             return self.stages.forward_stage(index, h)
         return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(self.num_views)])
 
