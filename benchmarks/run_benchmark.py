@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
     if not args.skip_time:
         result['time'] = time_methods(setup, _csv(args.methods), warmup=repeats['warmup'],
                                       repeats=repeats['repeats'], steps=repeats['steps'])
-        result['flops'] = count_flops(setup, [m for m in _csv(args.methods) if 'skipped' not in result['time'][m]])
+        result['flops'] = count_flops(setup, _csv(args.methods))
     if not args.skip_memory:
         result['memory'] = memory_vs_depth(setup, _csv(args.memory_methods), depths,
                                            repeats=repeats['memory_repeats'], threads=args.threads,
@@ -100,7 +100,7 @@ def check_targets(result: dict) -> dict:
             value, limit = timing[method]['wall_ratio']['median'], TARGETS[f'{target}_time_ratio']
             out[f'{method}_time_ratio'] = {'value': value, 'target': limit, 'met': value <= limit}
     cff, bp = memory.get('cff_2view', {}), memory.get('bp', {})
-    depths = sorted(d for d in cff if d != 'skipped')
+    depths = sorted(cff)
     if 16 in cff and 16 in bp:
         value = cff[16]['activation_bytes'] / bp[16]['activation_bytes']
         out['activation_ratio_at_16'] = {'value': value, 'target': TARGETS['activation_ratio_at_16'],
@@ -126,9 +126,6 @@ def to_markdown(result: dict) -> str:
                   '|---|---|---|---|---|---|---|']
         flops = result.get('flops', {})
         for method, r in result['time'].items():
-            if 'skipped' in r:
-                lines.append(f"| {method} | skipped: {r['skipped']} | | | | | |")
-                continue
             gflop, flop_ratio = '', ''
             if method in flops:
                 gflop = f'{flops[method] / 1e9:.2f}'
@@ -155,7 +152,7 @@ def _ratio(stats: dict | None) -> str:
 
 
 def _memory_table(memory: dict, how: str) -> list[str]:
-    methods = [m for m in memory if 'skipped' not in memory[m]]
+    methods = list(memory)
     depths = sorted({d for m in methods for d in memory[m]})
     lines = [f'\nPeak memory of one training step in MiB, total / activations ({how}; median of fresh processes); '
              'the ratio column is CFF two-view activations / BP activations:\n',
@@ -167,7 +164,6 @@ def _memory_table(memory: dict, how: str) -> list[str]:
         if d in memory.get('cff_2view', {}) and d in memory.get('bp', {}):
             ratio = f"{memory['cff_2view'][d]['activation_bytes'] / memory['bp'][d]['activation_bytes']:.3f}"
         lines.append(f'| {d} | ' + ' | '.join(cells) + f' | {ratio} |')
-    lines += [f"| skipped | {m}: {memory[m]['skipped']} |" for m in memory if 'skipped' in memory[m]]
     return lines
 
 
@@ -178,12 +174,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for method, by_depth in result.get('memory', {}).items():
-        if 'skipped' in by_depth:
-            continue
         depths = sorted(by_depth)
         for ax, key in zip(axes[:2], ('activation_bytes', 'total_bytes')):
             ax.plot(depths, [by_depth[d][key] / 2**20 for d in depths], marker='o', label=method)
-    depths = sorted({d for by_depth in result.get('memory', {}).values() for d in by_depth if d != 'skipped'})
+    depths = sorted({d for by_depth in result.get('memory', {}).values() for d in by_depth})
     for ax, title in zip(axes[:2], ('activation peak', 'total peak')):
         ax.set(xlabel='depth L', ylabel='MiB', title=title, yscale='log')
         ax.set_xscale('log', base=2)
@@ -199,10 +193,15 @@ def plot(result: dict, path: Path) -> None:
 
 
 def load_result(path: str) -> dict:
-    """A saved result with its depth keys turned back into integers."""
+    """A saved result with its depth keys turned back into integers.
+
+    Results saved before FF was timed hold ``{'skipped': reason}`` for it; those entries are dropped.
+    """
     result = json.loads(Path(path).read_text())
+    if 'time' in result:
+        result['time'] = {m: r for m, r in result['time'].items() if 'skipped' not in r}
     for method, by_depth in result.get('memory', {}).items():
-        result['memory'][method] = {(int(k) if k.isdigit() else k): v for k, v in by_depth.items()}
+        result['memory'][method] = {int(k): v for k, v in by_depth.items()}
     return result
 
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .trainer import LocalTrainer
 
-__all__ = ['BenchSetup', 'MethodUnavailable', 'METHODS', 'create_bench_model', 'create_bench_batch', 'create_step',
+__all__ = ['BenchSetup', 'METHODS', 'create_bench_model', 'create_bench_batch', 'create_step',
            'time_methods', 'count_flops', 'measure_memory', 'memory_in_subprocess', 'memory_vs_depth', 'state_bytes']
 
 _logger = logging.getLogger(__name__)
@@ -65,10 +65,6 @@ class BenchSetup:
     autocast_dtype: str | None = None  # 'bfloat16' / 'float16', applied to every method alike
     compile: bool = False  # torch.compile every block, for every method alike (timing only)
     seed: int = 0
-
-
-class MethodUnavailable(RuntimeError):
-    """A method cannot run in this installation; the benchmark reports it as skipped."""
 
 
 def create_bench_model(setup: BenchSetup) -> nn.Module:
@@ -166,15 +162,10 @@ def time_methods(setup: BenchSetup, methods: Sequence[str], *, warmup: int = 2, 
 
     Returns:
         ``{method: {'wall': stats, 'cpu': stats, 'wall_ratio': stats, 'cpu_ratio': stats, 'wall_s': [...],
-        'cpu_s': [...]}}`` (stats: median, q1, q3, min, max; ratios only when ``reference`` ran), or
-        ``{method: {'skipped': reason}}``.
+        'cpu_s': [...]}}`` (stats: median, q1, q3, min, max; ratios only when ``reference`` ran).
     """
-    batch, runs, out = create_bench_batch(setup), {}, {}
-    for method in methods:
-        try:
-            runs[method] = create_step(method, setup)[1]
-        except MethodUnavailable as e:
-            out[method] = {'skipped': str(e)}
+    batch, out = create_bench_batch(setup), {}
+    runs = {method: create_step(method, setup)[1] for method in methods}
     for _ in range(warmup):
         for step in runs.values():
             step(batch)
@@ -196,7 +187,6 @@ def time_methods(setup: BenchSetup, methods: Sequence[str], *, warmup: int = 2, 
             out[method]['wall_ratio'] = _quartiles([a / b for a, b in zip(wall[method], wall[reference])])
             out[method]['cpu_ratio'] = _quartiles([a / b for a, b in zip(cpu[method], cpu[reference])])
     return out
-
 
 
 def count_flops(setup: BenchSetup, methods: Sequence[str]) -> dict[str, int]:
@@ -272,10 +262,7 @@ def _memory_worker(args_json: str, out_path: str) -> None:
     args = json.loads(args_json)
     if args.get('threads'):
         torch.set_num_threads(args['threads'])
-    try:
-        result = measure_memory(args['method'], BenchSetup(**args['setup']))
-    except MethodUnavailable as e:
-        result = {'skipped': str(e)}
+    result = measure_memory(args['method'], BenchSetup(**args['setup']))
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -307,8 +294,7 @@ def memory_vs_depth(setup: BenchSetup, methods: Sequence[str], depths: Sequence[
     """Median total and activation peaks per method and depth over ``repeats`` fresh processes, interleaved.
 
     Returns:
-        ``{method: {depth: {'total_bytes': median, 'activation_bytes': median, 'runs': [...], ...}}}``, or
-        ``{method: {'skipped': reason}}``.
+        ``{method: {depth: {'total_bytes': median, 'activation_bytes': median, 'runs': [...], ...}}}``.
     """
     runs = {m: {d: [] for d in depths} for m in methods}
     for r in range(repeats):
@@ -317,14 +303,8 @@ def memory_vs_depth(setup: BenchSetup, methods: Sequence[str], depths: Sequence[
                 result = memory_in_subprocess(method, replace(setup, depth=depth), threads, malloc)
                 runs[method][depth].append(result)
                 _logger.info('memory %s depth %d (round %d/%d): %s', method, depth, r + 1, repeats,
-                             result.get('skipped') or f"activations {result['activation_bytes'] / 2**20:.1f} MiB")
-    out = {}
-    for method, by_depth in runs.items():
-        out[method] = {}
-        for depth, results in by_depth.items():
-            if 'skipped' in results[0]:
-                out[method] = results[0]
-                break
-            summary = {k: int(statistics.median(r[k] for r in results)) for k in results[0]}
-            out[method][depth] = {**summary, 'runs': results}
-    return out
+                             f"activations {result['activation_bytes'] / 2**20:.1f} MiB")
+    return {method: {depth: {**{k: int(statistics.median(r[k] for r in results)) for k in results[0]},
+                             'runs': results}
+                     for depth, results in by_depth.items()}
+            for method, by_depth in runs.items()}
