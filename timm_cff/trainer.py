@@ -91,14 +91,15 @@ def _build_optimizer(params: list[nn.Parameter], optimizer: Any, lr: float, weig
     return create_optimizer_v2(params, opt=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+_AUTOCAST_DTYPES = {None: None, 'float32': None, torch.float32: None, 'bfloat16': torch.bfloat16,
+                    torch.bfloat16: torch.bfloat16, 'float16': torch.float16, torch.float16: torch.float16}
+
+
 def _autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """``None``/``'float32'`` -> ``None`` (no autocast); ``'bfloat16'``/``'float16'`` (or the dtypes) -> the dtype."""
-    names = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-    if dtype is None or isinstance(dtype, torch.dtype) and dtype in (torch.bfloat16, torch.float16, torch.float32):
-        return None if dtype == torch.float32 else dtype
-    if dtype not in names:
+    if not isinstance(dtype, str | torch.dtype | None) or dtype not in _AUTOCAST_DTYPES:
         raise ValueError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {dtype!r}.")
-    return names[dtype]
+    return _AUTOCAST_DTYPES[dtype]
 
 
 def _build_scheduler(optimizer: torch.optim.Optimizer, kwargs: dict):
