@@ -92,10 +92,11 @@ class RunDir:
 
     def check_resumable(self, config: Config, may_differ: tuple[str, ...] = ('run.quiet', 'run.device',
                                                                              'data.workers', 'train.epochs')) -> None:
-        """Refuse to resume with a config that differs from the saved one (except ``may_differ`` keys), then save it.
+        """Refuse to resume with a config that differs from the saved one (except ``may_differ`` keys).
 
         ``train.epochs`` may change: learning rates are constant and every epoch is seeded by its index, so a run
-        extended from N to M epochs continues exactly as an M-epoch run would have.
+        extended from N to M epochs continues exactly as an M-epoch run would have. The new count is saved, so a
+        later plain ``--resume`` keeps it.
         """
         saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
         changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k) and k not in may_differ)
@@ -103,7 +104,7 @@ class RunDir:
             details = '; '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed[:5])
             raise ConfigError(f'Cannot resume {self.path} with a different config ({details}). Resume without '
                               'overrides (--train.epochs may change), or start a new run.')
-        if saved != new:
+        if saved['train.epochs'] != new['train.epochs']:
             _atomic_write(self.config_path, lambda tmp: save_config(config, tmp))
 
     # ------------------------------------------------------------------------------------------ checkpoints
