@@ -1,9 +1,9 @@
 """Per-block features: every stage's pooled output from one no-grad pass over a loader.
 
 The CFF paper's layer-wise analysis (Sec. 4.2, Fig. 5) looks at each block's token-averaged output, the feature its
-local loss sees (Eq. 13). For a timm ``VisionTransformer`` one ``forward_intermediates`` call gives every block's
-tokens; they are pooled with the model's own ``pool`` (prefix tokens handled as in the stages). Other model families
-go through their registered stage adapter (``timm_cff.create_stages``), one stage after another.
+local loss sees (Eq. 13). The stages run one after another through the model's stage adapter
+(``timm_cff.create_stages``), each output pooled as the stage loss pools it; for a timm ViT the tests check this
+against timm's own ``forward_intermediates``.
 """
 from collections.abc import Iterable
 
@@ -11,27 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from ..metrics import first_view
-from ..stages import StageAdapter, VitStages, create_stages
+from ..stages import StageAdapter, create_stages
 
 __all__ = ['extract_block_features', 'block_outputs']
-
-
-def _vit_block_outputs(stages: VitStages, x: Tensor) -> list[Tensor]:
-    """``[B, C, H, W]`` -> L pooled block outputs ``[B, D]`` from one ``forward_intermediates`` pass."""
-    model = stages.model
-    outputs = model.forward_intermediates(x, return_prefix_tokens=True, output_fmt='NLC', intermediates_only=True)
-    if model.num_prefix_tokens:  # timm splits off class/register tokens; `pool` expects them in front again
-        outputs = [torch.cat([prefix, tokens], dim=1) for tokens, prefix in outputs]
-    return [stages.pool(h) for h in outputs]
-
-
-def _stage_block_outputs(stages: StageAdapter, x: Tensor) -> list[Tensor]:
-    """The stages one after another, each output pooled: ``[B, ...]`` -> L tensors ``[B, D]``."""
-    pooled, h = [], x
-    for index in range(stages.num_stages):
-        h = stages.forward_stage(index, h)
-        pooled.append(stages.pool(h).flatten(1))
-    return pooled
 
 
 @torch.no_grad()
@@ -47,9 +29,11 @@ def block_outputs(model: nn.Module, x: Tensor, stages: StageAdapter | None = Non
         L tensors ``[B, D_l]``, block 0 first.
     """
     stages = stages or create_stages(model)
-    if type(stages) is VitStages:  # a subclass may change a stage, which forward_intermediates would not see
-        return _vit_block_outputs(stages, x)
-    return _stage_block_outputs(stages, x)
+    pooled, h = [], x
+    for index in range(stages.num_stages):
+        h = stages.forward_stage(index, h)
+        pooled.append(stages.pool(h).flatten(1))
+    return pooled
 
 
 @torch.no_grad()
