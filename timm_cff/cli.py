@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser('train', allow_abbrev=False, help='stage 1 + probe + test + export', description='Train a run: stage 1 '
                            '(layer-local), stage 2 (linear probe), test accuracy, timm export.')
     train.add_argument('--config', help='YAML recipe (examples/configs/*.yaml); options below override it')
-    train.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from its last checkpoint')
+    train.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from its last checkpoint; '
+                       'with --train.epochs=N it extends the run to N epochs')
     _add_config_options(train)
     probe = sub.add_parser('probe', allow_abbrev=False, help='redo stage 2 of a run', description='Redo the linear probe of a run on '
                            'its best stage-1 encoder, then test and export again.')
