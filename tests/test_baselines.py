@@ -127,6 +127,16 @@ def test_prediction_picks_the_label_with_the_highest_summed_goodness():
     assert scores.argmax(1).tolist() == [0, 0]
 
 
+def test_collab_scores_every_stage_by_default_and_ff_symba_skip_the_first():
+    # FF-Collab's stages all train the total goodness, so its default prediction sums every stage.
+    model = create_mlp(3, 3, 3, img_size=(1, 3), in_chans=1)
+    assert create_trainer('collab', model).scored_stages == [0, 1, 2]
+    assert create_trainer('ff', model).scored_stages == [1, 2]
+    assert create_trainer('symba', model).scored_stages == [1, 2]
+    assert create_trainer('collab', model, score_first_stage=False).scored_stages == [1, 2]
+    assert create_trainer('ff', model, score_first_stage=True).scored_stages == [0, 1, 2]
+
+
 def reference_goodness(model, patches, label_pos, x, labels):
     """Goodness of every stage of FF on a ViT, written out: [L, B]."""
     h = reference_first_stage(model, patches, label_pos, x, labels)
@@ -217,7 +227,8 @@ def test_ff_family_step_matches_the_written_out_reference(family, method):
         assert torch.allclose(a, b, atol=1e-5), n
     if family == 'vit':
         assert torch.allclose(trainer.labelled.pos_embed, label_pos, atol=1e-5)
-    assert torch.allclose(out['loss_scored'], out['loss_block1'] + out['loss_block2'])
+    scored = range(3) if method == 'collab' else range(1, 3)  # collab scores every stage by default
+    assert torch.allclose(out['loss_scored'], sum(out[f'loss_block{i}'] for i in scored))
     assert {'goodness_pos_block0', 'goodness_neg_block2'} <= set(out) and trainer.num_updates == 3
 
 

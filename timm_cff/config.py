@@ -90,8 +90,9 @@ class TrainConfig:
     num_views: int = opt(2, 'cff: 2 views per image, or 1 (one-forward variant, Table 6); other methods use 1')
     threshold: float = opt(2.0, 'ff/collab: goodness threshold θ (official 2, mean-of-squares goodness)')
     alpha: float = opt(1.0, 'symba: α of Eq. 7 (official 1)')
-    score_first_stage: bool = opt(False, 'ff family: also score stage 1 in prediction and selection (paper: "all '
-                                         'layers"; default: stages 2..L as Hinton and the official code)')
+    score_first_stage: bool | None = opt(None, 'ff family: also score stage 1 in prediction, selection and the '
+                                                'one-pass head; None: on for collab (it trains the total goodness), '
+                                                'off for ff/symba (stages 2..L, Hinton and the official code)')
     select_on: str = opt('last', "validation loss that picks the best checkpoint: 'last' stage (official) or 'sum'")
     autocast: str | None = opt(None, "cff: run the stages under torch.autocast in 'bfloat16' or 'float16' (GPU speed)")
     compile: bool = opt(False, 'cff: torch.compile every block (pays off on GPUs; minutes of compiling on CPU)')

@@ -8,8 +8,10 @@
 
 Positives carry the true label, negatives a fresh random wrong one. Each stage takes the previous output detached
 and L2-normalised, and has its own optimizer. A prediction runs C passes, one per candidate label, and scores a
-label by the goodness summed over stages 2..L (Hinton's choice and the official code's intent; stage 1 optionally).
-The checkpoint is selected on the sum of validation losses over the same stages, as the official code does.
+label by the goodness summed over stages 2..L (Hinton's choice and the official code's intent; stage 1 optionally),
+except for FF-Collab, which scores every stage: each of its stages is trained on the total goodness Σ_j G_j, so the
+total is what the method learns to make large for positives. The checkpoint is selected on the sum of validation
+losses over the same stages, as the official code does.
 """
 import logging
 from collections.abc import Callable, Sequence
@@ -40,8 +42,9 @@ class ForwardForwardTrainer(TrainerBase):
         num_classes: C; ``None`` takes ``model.num_classes``.
         loss_kwargs: e.g. ``{'threshold': 2.0}`` or ``{'alpha': 1.0}``.
         optimizer, weight_decay, optimizer_kwargs, scheduler: as for ``LocalTrainer``.
-        score_first_stage: include stage 1 in prediction scores and in the selection loss (the paper's literal
-            "all layers"); off by default, as Hinton and the official selection rule.
+        score_first_stage: include stage 1 in prediction scores, the selection loss and the one-pass head (the
+            paper's literal "all layers"). ``None``: on for FF-Collab (its stages train the total goodness of all
+            stages), off for FF and SymBa (Hinton's choice and the official selection rule).
         label_kwargs: family options, e.g. ``{'pos_std': 0.02}`` (ViT) or ``{'value': 1.0}`` (MLP).
         normalize: unit L2 between stages per ``'sample'`` (official) or per ``'token'``.
         seed: seeds the label patches and the negative labels (one generator, saved for exact resumption).
@@ -61,7 +64,7 @@ class ForwardForwardTrainer(TrainerBase):
             weight_decay: float = 0.01,
             optimizer_kwargs: dict | None = None,
             scheduler: dict | None = None,
-            score_first_stage: bool = False,
+            score_first_stage: bool | None = None,
             label_kwargs: dict | None = None,
             normalize: str = 'sample',
             seed: int = 0,
@@ -72,6 +75,8 @@ class ForwardForwardTrainer(TrainerBase):
         self.stages = stages or create_stages(model)
         self.num_stages = self.stages.num_stages
         self.num_classes = num_classes if num_classes is not None else getattr(model, 'num_classes', 0)
+        if score_first_stage is None:
+            score_first_stage = collab
         self.scored_stages = list(range(0 if score_first_stage else 1, self.num_stages))
         if not self.scored_stages:
             raise ValueError('With one stage there are no stages 2..L to score; set score_first_stage=True.')
