@@ -101,6 +101,18 @@ def test_clamped_fraction_matches_brute_force(cff_fixture, margin):
         assert expected == {0.1: 32 / 256, 0.4: 48 / 256}[margin]
 
 
+@pytest.mark.parametrize('views', [2, 3])
+@pytest.mark.parametrize('margin', [0.0, 0.3, 1.5])
+def test_clamped_fraction_of_identical_views_counts_every_copy(views, margin):
+    """One tensor expanded over the views (stride 0) gives the brute-force count over V real copies."""
+    g = torch.Generator().manual_seed(views)
+    f, labels = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+    expected = brute_force_clamped(f[:, None].repeat(1, views, 1), labels, margin)
+    shared = float(clamped_fraction(f[:, None].expand(-1, views, -1), labels, margin))
+    assert shared == pytest.approx(expected, abs=1e-6)  # a float32 ratio of pair counts
+    assert margin == 0.0 or expected > 0
+
+
 def test_nothing_is_clamped_without_margin():
     f = torch.randn(6, 8)
     same_views = torch.stack([f, f], 1)  # identical views: cosines of 1 up to rounding

@@ -98,6 +98,18 @@ def test_two_views_differ_and_are_deterministic_per_epoch():
     assert len(loader) == 3 and sum(len(b[1]) for b in loader) == 40  # no drop_last
 
 
+def test_views_without_random_augmentation_are_one_tensor():
+    """No crop, no flip: every view is the same tensor object (LocalTrainer then runs it once); with a crop they
+    are distinct tensors."""
+    data = ArrayDataset(images(20), torch.arange(20) % 4, [])
+    plain = ImageLoader(data, 8, BatchAugment((0.5,) * 3, (0.25,) * 3), num_views=2, seed=3)
+    (v1, v2), _ = next(iter(plain))
+    assert v1 is v2 and torch.equal(v1, BatchAugment((0.5,) * 3, (0.25,) * 3)(data.x[:8], torch.Generator()))
+    cropped = ImageLoader(data, 8, BatchAugment((0.5,) * 3, (0.25,) * 3, padding=2), num_views=2, seed=3)
+    (w1, w2), _ = next(iter(cropped))
+    assert w1 is not w2 and not torch.equal(w1, w2)
+
+
 def test_randaugment_views_do_not_depend_on_workers():
     data = ArrayDataset(images(12, size=16), torch.arange(12) % 3, [])
     ra = v2.RandAugment(3, 14)

@@ -72,6 +72,30 @@ def test_matches_loop_oracle(views, margin):
     assert loss.item() == pytest.approx(oracle, abs=1e-10)
 
 
+@pytest.mark.parametrize('views', [2, 3])
+@pytest.mark.parametrize('margin', [0.0, 0.1, 0.4])
+def test_identical_views_as_one_expanded_tensor_equal_materialised_copies(views, margin):
+    """A stride-0 view axis is computed on [B, B]: per-anchor losses and gradients equal the autograd reference on
+    V real copies, also for an anchor whose only positives are its own other views."""
+    g = torch.Generator().manual_seed(views * 10 + int(margin * 10))
+    labels = torch.randint(0, 3, (9,), generator=g)
+    labels[0] = 7
+    f = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    shared, copies = f.clone().requires_grad_(), f.clone().requires_grad_()
+    loss = marginal_supcon_loss(shared[:, None].expand(-1, views, -1), labels, 0.3, margin, reduction='none')
+    reference = supcon_from_similarity(*pairwise_cosine(copies[:, None].repeat(1, views, 1), labels), 0.3, margin,
+                                       reduction='none')
+    assert torch.allclose(loss, reference, atol=1e-12, rtol=0)
+    weights = torch.rand(len(loss), generator=g, dtype=torch.float64)  # distinct upstream gradient per anchor
+    (loss * weights).sum().backward()
+    (reference * weights).sum().backward()
+    assert torch.allclose(shared.grad, copies.grad, atol=1e-12, rtol=0)
+    assert shared.grad.abs().max() > 0.01
+    oracle = loop_marginal_supcon([f] * views, labels, 0.3, margin)
+    assert marginal_supcon_loss(f[:, None].expand(-1, views, -1), labels, 0.3, margin).item() == pytest.approx(
+        oracle, abs=1e-10)
+
+
 def test_margin_zero_equals_supcon_exactly(cff_fixture):
     labels, f1, f2 = cff_fixture
     feats = torch.stack([f1, f2], 1)

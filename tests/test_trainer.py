@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from conftest import make_batch, make_vit
 from timm_cff import LocalTrainer, NonFiniteLossError, linear_margins
+from timm_cff.analysis import clamped_fraction_metric
 from timm_cff.loss import marginal_supcon_loss
 
 
@@ -97,6 +98,30 @@ def test_view_passes_per_stage(vit, monkeypatch, fuse_views, passes_per_stage):
     (x1, x2), y = make_batch()
     trainer.step((x1, x2), y)
     assert batches == [len(y) * 2 // passes_per_stage] * passes_per_stage * len(vit.blocks)
+
+
+@pytest.mark.parametrize('fuse_views', [False, True])
+def test_identical_views_run_once_and_train_as_two_copies(monkeypatch, fuse_views):
+    """Views that are one tensor object run each stage once on B rows and update the model as two equal tensors
+    run as two views (SGD: Adam would amplify float noise in near-zero gradients)."""
+    torch.manual_seed(0)
+    a = make_vit()
+    b = copy.deepcopy(a)
+    kw = dict(optimizer=lambda params: torch.optim.SGD(params, lr=0.1), fuse_views=fuse_views,
+              stage_metrics={'clamped': clamped_fraction_metric})
+    shared, copies = LocalTrainer(a, **kw), LocalTrainer(b, **kw)
+    batches, forward = [], shared.stages.forward_stage
+    monkeypatch.setattr(shared.stages, 'forward_stage', lambda i, h: batches.append(len(h)) or forward(i, h))
+    for s in range(2):
+        (x, _), y = make_batch(seed=s)
+        out_a, out_b = shared.step((x, x), y), copies.step((x, x.clone()), y)
+        for k in out_a:
+            assert torch.allclose(out_a[k], out_b[k], atol=1e-5), k
+        val_a, val_b = shared.evaluate([((x, x), y)]), copies.evaluate([((x, x.clone()), y)])
+        assert val_a == pytest.approx(val_b, abs=1e-5)
+    assert batches == [len(y)] * (2 * 2 * len(a.blocks))  # one B-row pass per stage, steps and evaluations
+    for (n, pa), pb in zip(params(a).items(), params(b).values()):
+        assert torch.allclose(pa, pb, atol=1e-5), n
 
 
 def test_one_view_mode_uses_in_batch_positives_only(vit):

@@ -367,7 +367,7 @@ class LocalTrainer(TrainerBase):
 
     def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
         """The body of ``step()``: ``[1 + M, L]`` detached stage losses (row 0) and stage metrics."""
-        x, labels = self.prepare_batch(views, labels)
+        x, labels = self._prepare_views(views, labels)
         self._begin_update()
         losses = self._stage_losses(x, labels, backward=True)
         self._finish_update(losses[0])
@@ -375,8 +375,15 @@ class LocalTrainer(TrainerBase):
 
     def _evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
         """``[1 + M, L]`` stage losses and metrics of a batch, without gradients or updates."""
-        x, labels = self.prepare_batch(views, labels)
+        x, labels = self._prepare_views(views, labels)
         return self._stage_losses(x, labels, backward=False)
+
+    def _prepare_views(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``prepare_batch``, but views that are one tensor object (a loader without augmentation yields them so)
+        give one ``[B, ...]`` copy: identical inputs make identical features, so one pass serves all V views."""
+        shared = not isinstance(views, Tensor) and all(v is views[0] for v in views[1:self.num_views])
+        x, labels = self.prepare_batch(views, labels)
+        return (x[:len(labels)] if shared else x), labels
 
     def _stage_losses(self, x: Tensor, labels: Tensor, backward: bool) -> Tensor:
         """Run every stage on its detached input; ``[1 + M, L]``: losses (back-propagated if ``backward``), metrics."""
@@ -393,17 +400,21 @@ class LocalTrainer(TrainerBase):
         per stage and batch.
 
         Args:
-            h: the stage input, ``[VB, ...]`` view-major (images for stage 0).
+            h: the stage input, ``[VB, ...]`` view-major (images for stage 0), or ``[B, ...]`` when the V views are
+                identical: the loss then gets the features expanded over the view axis (stride 0) and computes the
+                same value on the ``[B, B]`` similarities.
             labels: ``[B]``.
 
         Returns:
-            The stage output ``[VB, ...]`` (still attached to this stage's graph only) and ``[1 + M]``: the detached
-            loss followed by the ``stage_metrics`` values.
+            The stage output, shaped as ``h`` (still attached to this stage's graph only), and ``[1 + M]``: the
+            detached loss followed by the ``stage_metrics`` values.
         """
         with torch.autocast(h.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            h = self._forward_stage(index, h.detach())  # [VB, ...]; no gradient is ever computed for the input
-            z = self.stages.pool(h)  # [VB, D], view-major
-            features = z.view(self.num_views, -1, z.shape[-1]).transpose(0, 1)  # [B, V, D]
+            # no gradient is ever computed for the input
+            h = self._forward_stage(index, h.detach(), views=len(h) // len(labels))
+            z = self.stages.pool(h)  # [VB, D] view-major, or [B, D] for identical views
+            features = z.view(-1, len(labels), z.shape[-1]).transpose(0, 1)  # [B, V or 1, D]
+            features = features.expand(-1, self.num_views, -1)  # [B, V, D]; a no-op unless the views are identical
             loss_fn = self.losses[index]
             loss = loss_fn(features, labels)
         if backward:  # the graph holds stage `index` only: its input is detached
@@ -411,11 +422,11 @@ class LocalTrainer(TrainerBase):
         extras = [fn(features.detach(), labels, loss_fn) for fn in self.stage_metrics.values()]
         return h, torch.stack([loss.detach(), *extras])
 
-    def _forward_stage(self, index: int, h: Tensor) -> Tensor:
+    def _forward_stage(self, index: int, h: Tensor, views: int) -> Tensor:
         fuse = self.fuse_views if self.fuse_views is not None else h.device.type != 'cpu'
-        if fuse or self.num_views == 1:
+        if fuse or views == 1:
             return self.stages.forward_stage(index, h)
-        return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(self.num_views)])
+        return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(views)])
 
     # ----------------------------------------------------------------------------------------------- helpers
     def _as_dict(self, rows: Tensor) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..loss import pairwise_cosine
+from ..loss.supcon import stack_views
 
 __all__ = ['clamped_fraction', 'clamped_fraction_metric', 'clamped_fraction_from_similarity', 'anchor_similarity',
            'anchor_similarity_from_similarity']
@@ -30,10 +31,20 @@ def clamped_fraction(features: Tensor, labels: Tensor, margin: float) -> Tensor:
     """Fraction of positive pairs in R(k) for features ``[B, V, D]`` (or ``[B, D]``) and labels ``[B]``; 0-d tensor.
 
     Pairs are taken over all V·B view-major anchors as in the loss: the other views of a sample and every other
-    sample of its class are positives.
+    sample of its class are positives. Identical views (one ``[B, D]`` tensor expanded over V, stride 0) are counted
+    on ``[B, B]`` with their multiplicities, as the loss does.
     """
-    sim, pos = pairwise_cosine(features, labels)
-    return clamped_fraction_from_similarity(sim, pos, margin)
+    features = stack_views(features)
+    views = features.shape[1]
+    if views == 1 or features.stride(1) != 0:
+        return clamped_fraction_from_similarity(*pairwise_cosine(features, labels), margin)
+    if not margin:
+        return features.new_zeros(())
+    sim, pos = pairwise_cosine(features[:, :1], labels)  # [B, B], self excluded
+    hit = sim + margin > 1.0
+    # every pair of samples appears V·V times, a sample with its own other views V·(V - 1) times
+    clamped = views * views * (hit & pos).sum() + views * (views - 1) * hit.diagonal().sum()
+    return clamped / (views * views * pos.sum() + views * (views - 1) * len(sim))
 
 
 def clamped_fraction_metric(features: Tensor, labels: Tensor, loss_fn: nn.Module) -> Tensor:

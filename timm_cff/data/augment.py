@@ -52,6 +52,11 @@ class BatchAugment:
         self.mean, self.std = torch.tensor(mean), torch.tensor(std)
         self.padding, self.hflip, self.train = padding, hflip, train
 
+    @property
+    def is_random(self) -> bool:
+        """Whether two calls on one batch can differ (``False``: every view of an image is the same)."""
+        return self.train and (self.padding > 0 or self.hflip)
+
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if self.train:
             x = random_crop(x, self.padding, generator)

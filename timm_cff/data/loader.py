@@ -36,6 +36,8 @@ class _RandAugmentViews(Dataset):
 class ImageLoader:
     """Iterate ``(views, labels)``: views is a tuple of V float tensors ``[B, C, H, W]`` (one tensor when V = 1).
 
+    Without random augmentation the V views are one tensor object repeated, which ``LocalTrainer`` runs once.
+
     Args:
         data: the images (uint8 ``[N, C, H, W]``) and labels.
         batch_size: samples per batch; the last batch may be smaller (official: no drop_last).
@@ -99,7 +101,10 @@ class ImageLoader:
         generator.manual_seed(self._epoch_seed() + 7919 * (self.shard[0] + 1))
         for index, raw in zip(batches, self._raw_batches(batches)):
             raw = raw.to(self.device, non_blocking=True)
-            per_view = raw.unbind(1) if raw.dim() == 5 else [raw] * self.num_views
-            views = tuple(self.augment(v, generator) for v in per_view)
+            if raw.dim() == 4 and not self.augment.is_random:  # identical views: one tensor (trainers run it once)
+                views = (self.augment(raw, generator),) * self.num_views
+            else:
+                per_view = raw.unbind(1) if raw.dim() == 5 else [raw] * self.num_views
+                views = tuple(self.augment(v, generator) for v in per_view)
             labels = self.data.y[index].to(self.device, non_blocking=True)
             yield (views[0] if self.num_views == 1 else views), labels

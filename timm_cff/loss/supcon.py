@@ -10,7 +10,13 @@
 hand-written backward: it keeps no [V·B, V·B] tensor between the forward and the backward pass (only the features and
 two [V·B] vectors) and recomputes the similarities in the backward, so a stage never holds more than one such matrix
 at a time (plus boolean masks). ``supcon_from_similarity`` stays as the readable autograd reference.
+
+Identical views (no augmentation) arrive as one ``[B, D]`` tensor expanded over the view axis (stride 0, what
+``LocalTrainer`` passes then). The loss of V copies of a sample set equals the same sums over the ``[B, B]``
+similarities with multiplicities (V per other sample, V - 1 for the sample's own copies, which are positives), so it
+is computed on ``[B, B]`` instead of ``[V·B, V·B]``: a quarter of the work for two views, the same numbers.
 """
+import math
 from collections.abc import Sequence
 
 import torch
@@ -102,25 +108,33 @@ def marginal_supcon_loss(
     """
     features = stack_views(features)
     labels = _check_labels(features, labels)
+    batch, views, _ = features.shape
+    copies = views if views > 1 and features.stride(1) == 0 else 1  # identical views: one tensor, expanded
+    if copies > 1:
+        features = features[:, :1]
     if features.dtype in (torch.float16, torch.bfloat16):
         features = features.float()
-    batch, views, _ = features.shape
     with torch.autocast(features.device.type, enabled=False):
-        z = F.normalize(features.transpose(0, 1).reshape(views * batch, -1), dim=1)  # view-major [VB, D]
-        loss = _MarginalSupCon.apply(z, labels.repeat(views), float(temperature), float(margin))  # [VB]
+        z = F.normalize(features.transpose(0, 1).reshape(-1, features.shape[-1]), dim=1)  # view-major [VB or B, D]
+        tiled = labels.repeat(views // copies)
+        loss = _MarginalSupCon.apply(z, tiled, float(temperature), float(margin), copies).repeat(copies)  # [VB]
     if reduction == 'none':
         return loss
     return loss.mean() if reduction == 'mean' else loss.sum()
 
 
-def _margined_similarity(z: Tensor, tiled: Tensor, margin: float) -> tuple[Tensor, Tensor, Tensor | None]:
+def _margined_similarity(z: Tensor, tiled: Tensor, margin: float, copies: int
+                         ) -> tuple[Tensor, Tensor, Tensor | None]:
     """``q [N, N]`` of Eq. 15 (positives ``min(s + m, 1)``, others ``s``), ``pos [N, N]`` and the clamped positives.
 
-    ``q`` is the only float [N, N] tensor; every step after the product works on it in place.
+    With ``copies > 1`` row i stands for the identical copies of sample i, so the diagonal (a sample's other copies)
+    is a positive; with one copy self is excluded. ``q`` is the only float [N, N] tensor; every step after the
+    product works on it in place.
     """
     q = z @ z.T
     pos = tiled[:, None] == tiled[None, :]
-    pos.fill_diagonal_(False)
+    if copies == 1:
+        pos.fill_diagonal_(False)
     if not margin:
         return q, pos, None
     q.add_(pos, alpha=margin)
@@ -128,36 +142,52 @@ def _margined_similarity(z: Tensor, tiled: Tensor, margin: float) -> tuple[Tenso
     return q.masked_fill_(clamped, 1.0), pos, clamped
 
 
+def _log_multiplicity(logits: Tensor, copies: int) -> Tensor:
+    """Adds ``log w_ij`` in place: every pair counts ``copies`` times, a sample with its own copies ``copies - 1``
+    times (never, with one copy: self is not in A(i))."""
+    diagonal = math.log((copies - 1) / copies) if copies > 1 else float('-inf')
+    logits.diagonal().add_(diagonal)
+    return logits.add_(math.log(copies))
+
+
 class _MarginalSupCon(torch.autograd.Function):
     """Per-anchor Eq. 15 on normalised features ``z [N, D]`` with tiled labels ``[N]``; the backward recomputes ``q``.
 
-    With ``lse_i = log Σ_{a≠i} exp(q_ia/τ)``: ``ℓ_i = lse_i − Σ_p q_ip / (τ|P(i)|)`` (0 without positives), so
-    ``∂ℓ_i/∂q_ij = (softmax_ij − pos_ij / |P(i)|) / τ``, zero where the clamp is active (Eq. A.5), and
-    ``∂/∂z = (G + Gᵀ) z`` for ``s = z zᵀ``.
+    Row i stands for ``copies`` identical anchors; pair (i, j) is weighted by ``w_ij`` (``copies`` off the
+    diagonal, ``copies - 1`` on it). With ``lse_i = log Σ_j w_ij exp(q_ij/τ)`` and ``|P(i)| = Σ_j w_ij pos_ij``:
+    ``ℓ_i = lse_i − Σ_j w_ij pos_ij q_ij / (τ|P(i)|)`` (0 without positives), so
+    ``∂ℓ_i/∂q_ij = w_ij (exp(q_ij/τ − lse_i) − pos_ij / |P(i)|) / τ``, zero where the clamp is active (Eq. A.5), and
+    ``∂/∂z = (G + Gᵀ) z`` for ``s = z zᵀ``. One copy is Eq. 15 as written: self excluded, every other anchor once.
     """
 
     @staticmethod
-    def forward(ctx, z: Tensor, tiled: Tensor, temperature: float, margin: float) -> Tensor:
-        q, pos, _ = _margined_similarity(z, tiled, margin)
+    def forward(ctx, z: Tensor, tiled: Tensor, temperature: float, margin: float, copies: int) -> Tensor:
+        q, pos, _ = _margined_similarity(z, tiled, margin, copies)
         logits = q.div_(temperature)
-        num_pos = pos.sum(dim=1)
-        pos_logits = (logits * pos).sum(dim=1)
-        log_denominator = torch.logsumexp(logits.fill_diagonal_(float('-inf')), dim=1)  # A(i): all but self
+        own = pos.diagonal()  # a sample's own copies: weight copies - 1 instead of copies
+        num_pos = copies * pos.sum(dim=1) - own.long()
+        pos_logits = copies * (logits * pos).sum(dim=1) - logits.diagonal() * own
+        log_denominator = torch.logsumexp(_log_multiplicity(logits, copies), dim=1)
         ctx.save_for_backward(z, tiled, log_denominator, num_pos)
-        ctx.temperature, ctx.margin = temperature, margin
+        ctx.temperature, ctx.margin, ctx.copies = temperature, margin, copies
         return (num_pos * log_denominator - pos_logits) / num_pos.clamp(min=1)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         z, tiled, log_denominator, num_pos = ctx.saved_tensors
-        q, pos, clamped = _margined_similarity(z, tiled, ctx.margin)
-        g = q.div_(ctx.temperature).fill_diagonal_(float('-inf')).sub_(log_denominator[:, None]).exp_()  # softmax
+        copies = ctx.copies
+        q, pos, clamped = _margined_similarity(z, tiled, ctx.margin, copies)
+        logits = _log_multiplicity(q.div_(ctx.temperature), copies)
+        g = logits.sub_(log_denominator[:, None]).exp_()  # w_ij · softmax_ij
         g.mul_((grad * (num_pos > 0))[:, None])
-        g.addcmul_(pos, (grad / num_pos.clamp(min=1))[:, None], value=-1.0)
+        per_positive = (grad / num_pos.clamp(min=1))[:, None]
+        g.addcmul_(pos, per_positive, value=-float(copies))  # - w_ij pos_ij / |P(i)|
+        if copies > 1:
+            g.diagonal().add_(per_positive[:, 0] * pos.diagonal())  # own copies weigh copies - 1
         if clamped is not None:
             g.masked_fill_(clamped, 0.0)
         g.div_(ctx.temperature)
-        return (g + g.T) @ z, None, None, None
+        return (g + g.T) @ z, None, None, None, None
 
 
 def _check_args(temperature: float, margin: float, reduction: str) -> None:
