@@ -98,3 +98,11 @@ def test_loss_benchmark_runs(tmp_path):
     _load_script('bench_loss').main(['--sizes', '32', '--repeats', '1', '--out', str(tmp_path / 'loss')])
     result = json.loads((tmp_path / 'loss.json').read_text())['results']['32']
     assert result['lean']['saved_bytes'] < result['autograd_reference']['saved_bytes']
+
+
+def test_identical_views_benchmark_runs_and_both_paths_agree(tmp_path):
+    _load_script('identical_views').main(['--models', 'mlp', '--batch', '16', '--repeats', '1',
+                                          '--out', str(tmp_path / 'views')])
+    result = json.loads((tmp_path / 'views.json').read_text())['results']['mlp']
+    assert result['first_step_max_difference'] < 1e-5
+    assert result['ms']['two_tensors'] > 0 and result['ms']['one_tensor'] > 0
