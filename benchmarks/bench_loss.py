@@ -6,13 +6,12 @@ For each anchor count N = V·B: forward + backward time (median of interleaved r
 between the forward and the backward pass (exact, from ``saved_tensors_hooks``); on CUDA also the peak allocated.
 """
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from timm_cff.bench import write_report
 from timm_cff.loss import marginal_supcon_loss, pairwise_cosine, supcon_from_similarity
 
 
@@ -83,9 +82,7 @@ def main(argv=None) -> None:
     markdown = '\n'.join(lines) + '\n'
     print(markdown)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).with_suffix('.json').write_text(json.dumps({'args': vars(args), 'results': results}, indent=1))
-        Path(args.out).with_suffix('.md').write_text(markdown)
+        write_report(args.out, {'args': vars(args), 'results': results}, markdown)
 
 
 if __name__ == '__main__':

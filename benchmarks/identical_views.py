@@ -9,16 +9,14 @@ between their first-step per-block losses and R(k) fractions (the same numbers u
 """
 import argparse
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from timm_cff import LocalTrainer
 from timm_cff.analysis import clamped_fraction_metric
-from timm_cff.bench import BenchSetup, create_bench_model
+from timm_cff.bench import BenchSetup, create_bench_model, write_report
 from timm_cff.mlp import create_mlp
 
 
@@ -74,9 +72,7 @@ def main(argv=None) -> None:
     markdown = '\n'.join(lines) + '\n'
     print(markdown)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).with_suffix('.json').write_text(json.dumps({'args': vars(args), 'results': results}, indent=1))
-        Path(args.out).with_suffix('.md').write_text(markdown)
+        write_report(args.out, {'args': vars(args), 'results': results}, markdown)
 
 
 if __name__ == '__main__':

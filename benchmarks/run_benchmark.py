@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from timm_cff.bench import METHODS, BenchSetup, count_flops, memory_vs_depth, time_methods
+from timm_cff.bench import METHODS, BenchSetup, count_flops, memory_vs_depth, time_methods, write_report
 
 TARGETS = {  # the performance targets on ViT[128 4 5], batch 256, 32x32 inputs
     'cff_2view_time_ratio': 2.0, 'cff_1view_time_ratio': 1.0, 'activation_ratio_at_16': 0.35, 'activation_growth': 0.10,
@@ -210,11 +210,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     result = load_result(args.from_json) if args.from_json else run(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if not args.from_json:
-        out.with_suffix('.json').write_text(json.dumps(result, indent=1))
     markdown = to_markdown(result)
-    out.with_suffix('.md').write_text(markdown)
+    write_report(out, None if args.from_json else result, markdown)
     if args.plot:
         plot(result, out.with_suffix('.png'))
     print(markdown)

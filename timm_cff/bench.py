@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from .trainer import LocalTrainer
 
 __all__ = ['BenchSetup', 'METHODS', 'create_bench_model', 'create_bench_batch', 'create_step',
-           'time_methods', 'count_flops', 'measure_memory', 'memory_in_subprocess', 'memory_vs_depth', 'state_bytes']
+           'time_methods', 'count_flops', 'measure_memory', 'memory_in_subprocess', 'memory_vs_depth', 'state_bytes',
+           'write_report']
 
 _logger = logging.getLogger(__name__)
 
@@ -308,3 +309,12 @@ def memory_vs_depth(setup: BenchSetup, methods: Sequence[str], depths: Sequence[
                              'runs': results}
                      for depth, results in by_depth.items()}
             for method, by_depth in runs.items()}
+
+
+def write_report(prefix: str | Path, result: dict | None, markdown: str) -> None:
+    """A benchmark's ``PREFIX.json`` (``result``; skipped when ``None``) and ``PREFIX.md`` (the table)."""
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    if result is not None:
+        prefix.with_suffix('.json').write_text(json.dumps(result, indent=1))
+    prefix.with_suffix('.md').write_text(markdown)
