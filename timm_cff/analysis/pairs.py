@@ -9,22 +9,28 @@ import torch
 from torch import Tensor, nn
 
 from ..loss import pairwise_cosine
-from ..loss.supcon import stack_views
+from ..loss.supcon import identical_view_copies, stack_views
 
 __all__ = ['clamped_fraction', 'clamped_fraction_metric', 'clamped_fraction_from_similarity', 'anchor_similarity',
            'anchor_similarity_from_similarity']
 
 
-def clamped_fraction_from_similarity(sim: Tensor, pos: Tensor, margin: float) -> Tensor:
+def clamped_fraction_from_similarity(sim: Tensor, pos: Tensor, margin: float, copies: int = 1) -> Tensor:
     """``Σ_k |R(k)| / Σ_k |P(k)|`` from cosines ``sim [N, N]`` and the positive mask ``pos [N, N]``; 0-d tensor.
 
     A pair is clamped when ``cos + m > 1``, the same test (and float arithmetic) as the loss's ``min(cos + m, 1)``.
-    With ``m = 0`` the loss clamps nothing, so the fraction is 0 even for identical views.
+    With ``m = 0`` the loss clamps nothing, so the fraction is 0 even for identical views. ``copies > 1``: each row
+    stands for that many identical views of a sample, so every pair of samples counts ``copies²`` times and a sample
+    with its own other views ``copies·(copies − 1)`` times (the diagonal of ``sim``, not in ``pos``).
     """
     if not margin:
         return sim.new_zeros(())
-    clamped = (sim + margin > 1.0) & pos
-    return clamped.sum() / pos.sum().clamp(min=1)  # a tensor division: no host sync
+    hit = sim + margin > 1.0
+    clamped, positives = copies * copies * (hit & pos).sum(), copies * copies * pos.sum()
+    if copies > 1:
+        clamped = clamped + copies * (copies - 1) * hit.diagonal().sum()
+        positives = positives + copies * (copies - 1) * len(sim)
+    return clamped / positives.clamp(min=1)  # a tensor division: no host sync
 
 
 def clamped_fraction(features: Tensor, labels: Tensor, margin: float) -> Tensor:
@@ -35,16 +41,9 @@ def clamped_fraction(features: Tensor, labels: Tensor, margin: float) -> Tensor:
     on ``[B, B]`` with their multiplicities, as the loss does.
     """
     features = stack_views(features)
-    views = features.shape[1]
-    if views == 1 or features.stride(1) != 0:
-        return clamped_fraction_from_similarity(*pairwise_cosine(features, labels), margin)
-    if not margin:
-        return features.new_zeros(())
-    sim, pos = pairwise_cosine(features[:, :1], labels)  # [B, B], self excluded
-    hit = sim + margin > 1.0
-    # every pair of samples appears V·V times, a sample with its own other views V·(V - 1) times
-    clamped = views * views * (hit & pos).sum() + views * (views - 1) * hit.diagonal().sum()
-    return clamped / (views * views * pos.sum() + views * (views - 1) * len(sim))
+    copies = identical_view_copies(features)
+    sim, pos = pairwise_cosine(features[:, :features.shape[1] // copies], labels)
+    return clamped_fraction_from_similarity(sim, pos, margin, copies)
 
 
 def clamped_fraction_metric(features: Tensor, labels: Tensor, loss_fn: nn.Module) -> Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ._registry import register_loss
 
 __all__ = ['SupConLoss', 'MarginalSupConLoss', 'marginal_supcon_loss', 'supcon_from_similarity', 'pairwise_cosine',
-           'stack_views']
+           'stack_views', 'identical_view_copies']
 
 
 def stack_views(features: Tensor | Sequence[Tensor]) -> Tensor:
@@ -38,6 +38,15 @@ def stack_views(features: Tensor | Sequence[Tensor]) -> Tensor:
     if features.dim() != 3:
         raise ValueError(f'Features must be [B, V, D] or a list of [B, D] views, got shape {tuple(features.shape)}.')
     return features
+
+
+def identical_view_copies(features: Tensor) -> int:
+    """V when the views of ``features [B, V, D]`` are one tensor expanded over the view axis (stride 0), else 1.
+
+    ``features[:, :V // copies]`` is then the distinct part: the losses and R(k) count it ``copies`` times.
+    """
+    views = features.shape[1]
+    return views if views > 1 and features.stride(1) == 0 else 1
 
 
 def _check_labels(features: Tensor, labels: Tensor | None) -> Tensor:
@@ -108,10 +117,8 @@ def marginal_supcon_loss(
     """
     features = stack_views(features)
     labels = _check_labels(features, labels)
-    batch, views, _ = features.shape
-    copies = views if views > 1 and features.stride(1) == 0 else 1  # identical views: one tensor, expanded
-    if copies > 1:
-        features = features[:, :1]
+    views, copies = features.shape[1], identical_view_copies(features)
+    features = features[:, :views // copies]  # the distinct views
     if features.dtype in (torch.float16, torch.bfloat16):
         features = features.float()
     with torch.autocast(features.device.type, enabled=False):
