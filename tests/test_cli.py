@@ -1,4 +1,5 @@
 """The command line end to end on tiny budgets: the quickstart, resume, probe/eval/export, and the refusals."""
+import csv
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import torch
 
 from timm_cff import load_encoder
 from timm_cff.cli import main
+from timm_cff.compare import summarize_run
 from timm_cff.config import Config, iter_fields, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,14 +50,14 @@ def test_quickstart_smoke_run_writes_the_run_folder(tmp_path, capsys):
     assert f"top1 {summary['test']['top1']:.2f}%" in capsys.readouterr().out
 
 
+def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt  # replaces engine._stage2: the process dies after stage 1's checkpoints, before the probe
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert train(tmp_path, name='full') == 0
     from timm_cff import engine
     real = engine._stage2
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt  # the process dies after stage 1's checkpoints, before the probe
-
     monkeypatch.setattr(engine, '_stage2', interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path, '--train.epochs=1', name='part')
@@ -70,6 +72,43 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeyp
     assert all(torch.equal(full[k], part[k]) for k in full)
     s_full, s_part = (json.loads((tmp_path / n / 'summary.json').read_text()) for n in ('full', 'part'))
     assert s_full['test'] == s_part['test'] and s_full['best_epoch'] == s_part['best_epoch']
+
+
+def _best_by_csv(run: Path, key: str) -> int:
+    """The selected epoch recomputed from metrics.csv: the first minimum of the selection column."""
+    with (run / 'metrics.csv').open() as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r[f'val_{key}']) for r in rows]
+    return losses.index(min(losses)) + 1
+
+
+def test_compare_tables_finished_interrupted_and_extended_runs(tmp_path, capsys, monkeypatch):
+    from timm_cff import engine
+    assert train(tmp_path, '--train.epochs=3', name='cffm') == 0
+    assert train(tmp_path, '--train.method=ff', '--model.name=mlp', name='ff') == 0
+    key = json.loads((tmp_path / 'ff' / 'summary.json').read_text())['selection_key']
+    monkeypatch.setattr(engine, '_stage2', interrupted)
+    with pytest.raises(KeyboardInterrupt):  # extended to 3 epochs, stopped before the probe: the summary is stale
+        main(['train', '--resume', str(tmp_path / 'ff'), '--train.epochs=3'])
+    capsys.readouterr()
+    assert main(['compare', str(tmp_path / 'cffm'), str(tmp_path / 'ff')]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[0].startswith('| run | method |')
+    cells = [[c.strip() for c in line.strip('|').split('|')] for line in lines[2:]]
+    summary = json.loads((tmp_path / 'cffm' / 'summary.json').read_text())
+    assert cells[0][:5] == ['cffm', 'CFF+M (0.4→0.1, τ 0.15)', 'ViT[32 4 2]', 'mnist_subset', '3 of 3']
+    assert cells[0][5] == str(_best_by_csv(tmp_path / 'cffm', summary['selection_key']))
+    assert cells[0][6] == f"{summary['test']['top1']:.2f}" and cells[0][7] == f"top1 {summary['test']['top1']:.2f}"
+    assert cells[1][:5] == ['ff', 'FF', 'MLP[32 2]', 'mnist_subset', '3 of 3, unfinished']
+    assert cells[1][5] == f'{_best_by_csv(tmp_path / "ff", key)} so far' and cells[1][6:9] == ['–', '–', '–']
+    # a summary without an epoch count (older runs) counts while it is newer than the last epoch
+    run = tmp_path / 'cffm'
+    (run / 'summary.json').write_text(json.dumps({k: v for k, v in summary.items() if k != 'epochs'}))
+    assert summarize_run(run)['finished']
+    later = (run / 'summary.json').stat().st_mtime + 10
+    os.utime(run / 'metrics.csv', (later, later))
+    assert not summarize_run(run)['finished']
+    assert main(['compare', str(tmp_path)]) == 1 and 'not a run folder' in capsys.readouterr().err
 
 
 def test_probe_and_export_subcommands(tmp_path, capsys):
@@ -188,6 +227,11 @@ def test_torchrun_pipeline_of_two_processes_equals_sequential(tmp_path):
     assert (tmp_path / 'pipe' / 'checkpoints' / 'pipeline' / 'best' / 'complete.json').exists()
     rows = [(tmp_path / n / 'metrics.csv').read_text().splitlines() for n in ('seq', 'pipe')]
     assert [r.split(',')[3:] for r in rows[0]] == [r.split(',')[3:] for r in rows[1]]  # same losses, any time
+    # `compare` reads an unfinished pipeline run's best epoch from its newest rank checkpoint
+    best = json.loads((tmp_path / 'pipe' / 'summary.json').read_text())['best_epoch']
+    (tmp_path / 'pipe' / 'summary.json').unlink()
+    row = summarize_run(tmp_path / 'pipe')
+    assert not row['finished'] and row['best_epoch'] == best and row['epochs_run'] == 2
 
 
 def test_pipeline_stages_without_torchrun_is_refused(tmp_path, capsys):

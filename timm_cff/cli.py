@@ -6,6 +6,7 @@
     timm-cff eval runs/NAME | EXPORT_DIR [--data.root=...]
     timm-cff export runs/NAME [--out DIR] [--checkpoint final|best]
     timm-cff analyze runs/NAME | EXPORT_DIR [--out DIR]
+    timm-cff compare runs/A runs/B ...
 
 The only module that prints and configures logging.
 """
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .compare import format_comparison, summarize_run
 from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
 from .data import DataError
 from .engine import Progress, analyze_path, evaluate_export, evaluate_run, export_run, probe_run, train_run
@@ -104,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument('--tsne-samples', type=int, default=1000, help='points per t-SNE map, 0: none '
                          '(default: 1000)')
     _add_config_options(analyze)
+    compare = sub.add_parser('compare', allow_abbrev=False, help='one table row per run folder',
+                             description='A markdown table of run folders (method, model, epochs, selected epoch, '
+                             'test accuracy, one-pass head, stage-1 time), finished or still training.')
+    compare.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
     export = sub.add_parser('export', allow_abbrev=False, help='write the timm folder of a run')
     export.add_argument('run_dir')
     export.add_argument('--out', help='output folder (default: RUN_DIR/export)')
@@ -159,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             result = analyze_path(args.path, args.out, _overrides(args), max_samples=args.samples,
                                   tsne_samples=args.tsne_samples)
             result = {'report': result['files'][0]}
+        elif args.command == 'compare':
+            print(format_comparison([summarize_run(path) for path in args.run_dirs]))
+            result = None
         else:
             result = {'export': str(export_run(args.run_dir, args.out, args.checkpoint))}
     except NonFiniteLossError as e:

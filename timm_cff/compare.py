@@ -1,0 +1,100 @@
+"""One row per run folder, for comparison tables such as the paper's Tables 1-3: ``timm-cff compare RUN...``.
+
+A finished run is read from its ``summary.json``; a run still training, interrupted or being extended from
+``metrics.csv`` and the best epoch so far saved at its resume point, so a table can be drawn while long runs go on.
+"""
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .run import RunDir
+
+__all__ = ['summarize_run', 'format_comparison']
+
+_METHOD_NAMES = {'ff': 'FF', 'symba': 'SymBa', 'collab': 'FF-Collab', 'bp': 'BP+CE'}
+
+
+def method_label(cfg: Config) -> str:
+    """The paper's name of the column a config trains, e.g. ``'CFF+M (0.4→0.1, τ 0.07)'`` or ``'SymBa'``."""
+    t = cfg.train
+    if t.method != 'cff':
+        return _METHOD_NAMES.get(t.method, t.method)
+    margin = f'{t.m0:g}→{t.m_last:g}, ' if (t.m0 or t.m_last) else ''
+    name = 'CFF+M' if margin else 'CFF'
+    if t.loss != 'marginal_supcon':
+        name += f' [{t.loss}]'
+    views = '' if t.num_views == 2 else f', {t.num_views} view{"s" * (t.num_views != 1)}'
+    return f'{name} ({margin}τ {t.temperature:g}{views})'
+
+
+def model_label(cfg: Config) -> str:
+    """``'MLP[500 3]'`` or ``'ViT[128 4 5]'`` (embed dim, heads, blocks), the paper's notation."""
+    m = cfg.model
+    return f'MLP[{m.embed_dim} {m.depth}]' if m.name == 'mlp' else f'ViT[{m.embed_dim} {m.num_heads} {m.depth}]'
+
+
+def summarize_run(path: str | Path) -> dict[str, Any]:
+    """One run folder as a flat dict.
+
+    Keys: ``run, method, model, data, epochs_run, epochs, finished, best_epoch, test_top1, metric, test_metric,
+    head_top1, stage1_time_s`` (``metric`` is the paper's metric of the row, ``run.metric``, e.g. top5 for CIFAR-100). Accuracies are in percent, None where the run has none (yet): an unfinished run has its best
+    epoch so far and no test accuracy.
+    """
+    run = RunDir(path)
+    cfg = run.read_config()
+    epochs = run.read_rows('metrics.csv')
+    row = {'run': run.path.name, 'method': method_label(cfg), 'model': model_label(cfg),
+           'data': Path(cfg.data.root).name if cfg.data.root else cfg.data.dataset, 'epochs_run': len(epochs),
+           'epochs': cfg.train.epochs, 'finished': False, 'best_epoch': None, 'test_top1': None,
+           'metric': cfg.run.metric, 'test_metric': None, 'head_top1': None, 'stage1_time_s': round(sum(float(r['time_s']) for r in epochs), 2)}
+    summary = _current_summary(run, len(epochs))
+    if summary:
+        row.update(finished=True, best_epoch=summary['best_epoch'],
+                   test_top1=summary['test'].get('top1'), test_metric=summary['test'].get(cfg.run.metric),
+                   head_top1=summary.get('test_one_pass_head', {}).get('top1'))
+    else:
+        row['best_epoch'] = _best_epoch_so_far(run)
+    return row
+
+
+def _current_summary(run: RunDir, epochs_run: int) -> dict[str, Any] | None:
+    """``summary.json`` if it describes the epochs in ``metrics.csv``; a run extended with ``--train.epochs=N`` keeps
+    the summary of its shorter self until it finishes. Summaries without ``epochs`` are dated by file time."""
+    path = run.path / 'summary.json'
+    if not path.is_file():
+        return None
+    summary = run.read_json('summary.json')
+    if 'epochs' in summary:
+        return summary if summary['epochs'] == epochs_run else None
+    return summary if path.stat().st_mtime >= (run.path / 'metrics.csv').stat().st_mtime else None
+
+
+def _best_epoch_so_far(run: RunDir) -> int | None:
+    """The run loop's best epoch from the resume point: ``last.pt``, or a torchrun pipeline's newest checkpoint."""
+    if run.checkpoint_path('last').is_file():
+        return run.load_checkpoint('last')['state']['best_epoch']
+    from .pipeline.checkpoint import latest_checkpoint
+    from .pipeline.session import RUN_STATE_FILE
+    latest = latest_checkpoint(run.path / 'checkpoints' / 'pipeline')
+    return json.loads((latest / RUN_STATE_FILE).read_text())['best_epoch'] if latest else None
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return '–'
+    return f'{value:.{digits}f}' if isinstance(value, float) else str(value)
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of :func:`summarize_run` rows, in the given order."""
+    lines = ['| run | method | model | data | epochs | selected epoch | test top-1 | test, paper metric '
+             '| one-pass head top-1 | stage-1 s |', '|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        epochs = f'{r["epochs_run"]} of {r["epochs"]}' + ('' if r['finished'] else ', unfinished')
+        metric = '–' if r['test_metric'] is None else f'{r["metric"]} {r["test_metric"]:.2f}'
+        best = _cell(r['best_epoch']) + ('' if r['finished'] or r['best_epoch'] is None else ' so far')
+        lines.append(f'| {r["run"]} | {r["method"]} | {r["model"]} | {r["data"]} | {epochs} | {best} | '
+                     f'{_cell(r["test_top1"])} | {metric} | {_cell(r["head_top1"])} | '
+                     f'{r["stage1_time_s"]:,.0f} |')
+    return '\n'.join(lines)
