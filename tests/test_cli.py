@@ -11,8 +11,8 @@ import torch
 
 from timm_cff import load_encoder
 from timm_cff.cli import main
-from timm_cff.compare import summarize_run
-from timm_cff.config import Config, iter_fields, load_config
+from timm_cff.compare import method_label, summarize_run
+from timm_cff.config import Config, apply_overrides, iter_fields, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / 'examples' / 'configs' / 'quickstart.yaml')
@@ -109,6 +109,18 @@ def test_compare_tables_finished_interrupted_and_extended_runs(tmp_path, capsys,
     os.utime(run / 'metrics.csv', (later, later))
     assert not summarize_run(run)['finished']
     assert main(['compare', str(tmp_path)]) == 1 and 'not a run folder' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('overrides, label', [
+    ({}, 'CFF+M (0.4→0.1, τ 0.15)'),
+    ({'train.m0': 0.0, 'train.m_last': 0.0}, 'CFF (τ 0.15)'),
+    ({'train.loss': 'supcon', 'train.num_views': 1}, 'CFF (τ 0.15, 1 view)'),  # margins do not apply to supcon
+    ({'train.margin_schedule': 'cosine', 'train.temperature': 0.07}, 'CFF+M (0.4→0.1 cosine, τ 0.07)'),
+    ({'train.method': 'collab'}, 'FF-Collab'), ({'train.method': 'bp'}, 'BP+CE')])
+def test_compare_names_the_paper_column(overrides, label):
+    cfg = Config()
+    apply_overrides(cfg, overrides)
+    assert method_label(cfg) == label
 
 
 def test_probe_and_export_subcommands(tmp_path, capsys):

@@ -20,12 +20,13 @@ def method_label(cfg: Config) -> str:
     t = cfg.train
     if t.method != 'cff':
         return _METHOD_NAMES.get(t.method, t.method)
-    margin = f'{t.m0:g}→{t.m_last:g}, ' if (t.m0 or t.m_last) else ''
-    name = 'CFF+M' if margin else 'CFF'
-    if t.loss != 'marginal_supcon':
-        name += f' [{t.loss}]'
-    views = '' if t.num_views == 2 else f', {t.num_views} view{"s" * (t.num_views != 1)}'
-    return f'{name} ({margin}τ {t.temperature:g}{views})'
+    details = [f'τ {t.temperature:g}'] + ([f'{t.num_views} view{"s" * (t.num_views != 1)}'] if t.num_views != 2 else [])
+    if t.loss != 'marginal_supcon':  # margins apply to the marginal loss only (as in engine.build_trainer)
+        return ('CFF' if t.loss == 'supcon' else f'CFF [{t.loss}]') + f' ({", ".join(details)})'
+    if not (t.m0 or t.m_last):
+        return f'CFF ({", ".join(details)})'
+    schedule = '' if t.margin_schedule == 'linear' else f' {t.margin_schedule}'
+    return f'CFF+M ({t.m0:g}→{t.m_last:g}{schedule}, {", ".join(details)})'
 
 
 def model_label(cfg: Config) -> str:
