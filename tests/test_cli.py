@@ -116,7 +116,10 @@ def test_compare_tables_finished_interrupted_and_extended_runs(tmp_path, capsys,
     ({'train.m0': 0.0, 'train.m_last': 0.0}, 'CFF (τ 0.15)'),
     ({'train.loss': 'supcon', 'train.num_views': 1}, 'CFF (τ 0.15, 1 view)'),  # margins do not apply to supcon
     ({'train.margin_schedule': 'cosine', 'train.temperature': 0.07}, 'CFF+M (0.4→0.1 cosine, τ 0.07)'),
-    ({'train.method': 'collab'}, 'FF-Collab'), ({'train.method': 'bp'}, 'BP+CE')])
+    ({'train.method': 'collab'}, 'FF-Collab'), ({'train.method': 'bp'}, 'BP+CE'),
+    ({'train.method': 'collab', 'train.score_first_stage': False}, 'FF-Collab (stages 2..L scored)'),
+    ({'train.method': 'symba', 'train.score_first_stage': True}, 'SymBa (all stages scored)'),
+    ({'train.method': 'ff', 'train.score_first_stage': False}, 'FF')])
 def test_compare_names_the_paper_column(overrides, label):
     cfg = Config()
     apply_overrides(cfg, overrides)

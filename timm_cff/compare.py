@@ -19,7 +19,11 @@ def method_label(cfg: Config) -> str:
     """The paper's name of the column a config trains, e.g. ``'CFF+M (0.4→0.1, τ 0.07)'`` or ``'SymBa'``."""
     t = cfg.train
     if t.method != 'cff':
-        return _METHOD_NAMES.get(t.method, t.method)
+        name = _METHOD_NAMES.get(t.method, t.method)
+        scored = t.score_first_stage
+        if t.method in ('ff', 'symba', 'collab') and scored is not None and scored != (t.method == 'collab'):
+            name += ' (all stages scored)' if scored else ' (stages 2..L scored)'  # not the method's default
+        return name
     details = [f'τ {t.temperature:g}'] + ([f'{t.num_views} view{"s" * (t.num_views != 1)}'] if t.num_views != 2 else [])
     if t.loss != 'marginal_supcon':  # margins apply to the marginal loss only (as in engine.build_trainer)
         return ('CFF' if t.loss == 'supcon' else f'CFF [{t.loss}]') + f' ({", ".join(details)})'
