@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .baselines.ff import scores_first_stage
 from .config import Config
+from .engine import FF_METHODS
 from .run import RunDir
 
 __all__ = ['summarize_run', 'format_comparison']
@@ -20,11 +22,13 @@ def method_label(cfg: Config) -> str:
     t = cfg.train
     if t.method != 'cff':
         name = _METHOD_NAMES.get(t.method, t.method)
-        scored = t.score_first_stage
-        if t.method in ('ff', 'symba', 'collab') and scored is not None and scored != (t.method == 'collab'):
-            name += ' (all stages scored)' if scored else ' (stages 2..L scored)'  # not the method's default
+        collab = t.method == 'collab'
+        if t.method in FF_METHODS and scores_first_stage(collab, t.score_first_stage) != scores_first_stage(collab):
+            name += ' (all stages scored)' if t.score_first_stage else ' (stages 2..L scored)'  # not the default
         return name
-    details = [f'τ {t.temperature:g}'] + ([f'{t.num_views} view{"s" * (t.num_views != 1)}'] if t.num_views != 2 else [])
+    details = [f'τ {t.temperature:g}']
+    if t.num_views != 2:
+        details.append(f'{t.num_views} view{"s" * (t.num_views != 1)}')
     if t.loss != 'marginal_supcon':  # margins apply to the marginal loss only (as in engine.build_trainer)
         return ('CFF' if t.loss == 'supcon' else f'CFF [{t.loss}]') + f' ({", ".join(details)})'
     if not (t.m0 or t.m_last):
@@ -43,8 +47,9 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
     """One run folder as a flat dict.
 
     Keys: ``run, method, model, data, epochs_run, epochs, finished, best_epoch, test_top1, metric, test_metric,
-    head_top1, stage1_time_s`` (``metric`` is the paper's metric of the row, ``run.metric``, e.g. top5 for CIFAR-100). Accuracies are in percent, None where the run has none (yet): an unfinished run has its best
-    epoch so far and no test accuracy.
+    head_top1, stage1_time_s``; ``metric`` is the paper's metric of the row (``run.metric``, e.g. top5 for
+    CIFAR-100). Accuracies are in percent, None where the run has none (yet): an unfinished run has its best epoch
+    so far and no test accuracy.
     """
     run = RunDir(path)
     cfg = run.read_config()
@@ -52,7 +57,8 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
     row = {'run': run.path.name, 'method': method_label(cfg), 'model': model_label(cfg),
            'data': Path(cfg.data.root).name if cfg.data.root else cfg.data.dataset, 'epochs_run': len(epochs),
            'epochs': cfg.train.epochs, 'finished': False, 'best_epoch': None, 'test_top1': None,
-           'metric': cfg.run.metric, 'test_metric': None, 'head_top1': None, 'stage1_time_s': round(sum(float(r['time_s']) for r in epochs), 2)}
+           'metric': cfg.run.metric, 'test_metric': None, 'head_top1': None,
+           'stage1_time_s': round(sum(float(r['time_s']) for r in epochs), 2)}
     summary = _current_summary(run, len(epochs))
     if summary:
         row.update(finished=True, best_epoch=summary['best_epoch'],
@@ -85,10 +91,10 @@ def _best_epoch_so_far(run: RunDir) -> int | None:
     return json.loads((latest / RUN_STATE_FILE).read_text())['best_epoch'] if latest else None
 
 
-def _cell(value: Any, digits: int = 2) -> str:
+def _cell(value: Any) -> str:
     if value is None:
         return '–'
-    return f'{value:.{digits}f}' if isinstance(value, float) else str(value)
+    return f'{value:.2f}' if isinstance(value, float) else str(value)
 
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:

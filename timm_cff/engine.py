@@ -346,8 +346,9 @@ def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress:
         return {}
     stage2 = _stage2(cfg, run, setup, progress)
     summary = {'run': str(run.path), 'method': cfg.train.method, 'epochs': stage1['epoch'],
-               'best_epoch': stage1['best_epoch'], 'best_val_loss': stage1['best_loss'], 'selection_key': setup.trainer.selection_key,
-               'stage1_time_s': round(stage1['time_s'], 2), 'stage2': stage2, 'num_classes': setup.data.num_classes,
+               'best_epoch': stage1['best_epoch'], 'best_val_loss': stage1['best_loss'],
+               'selection_key': setup.trainer.selection_key, 'stage1_time_s': round(stage1['time_s'], 2),
+               'stage2': stage2, 'num_classes': setup.data.num_classes,
                'num_images': {k: len(getattr(setup.data, k)) for k in ('train', 'val', 'test')}}
     summary = _finish(cfg, run, setup, summary, progress)
     summary['wall_time_s'] = round(time.perf_counter() - wall, 2)

@@ -25,9 +25,15 @@ from ..stages import StageAdapter, create_stages
 from ..trainer import TrainerBase, _build_optimizer, _build_scheduler
 from .labels import create_labelled_stages, draw_negative_labels
 
-__all__ = ['ForwardForwardTrainer']
+__all__ = ['ForwardForwardTrainer', 'scores_first_stage']
 
 _logger = logging.getLogger(__name__)
+
+
+def scores_first_stage(collab: bool, score_first_stage: bool | None = None) -> bool:
+    """Whether stage 1 is scored: ``score_first_stage``, or by default on for FF-Collab (its stages train the total
+    goodness of all stages) and off for FF and SymBa (Hinton and the official code)."""
+    return collab if score_first_stage is None else score_first_stage
 
 
 class ForwardForwardTrainer(TrainerBase):
@@ -75,9 +81,7 @@ class ForwardForwardTrainer(TrainerBase):
         self.stages = stages or create_stages(model)
         self.num_stages = self.stages.num_stages
         self.num_classes = num_classes if num_classes is not None else getattr(model, 'num_classes', 0)
-        if score_first_stage is None:
-            score_first_stage = collab
-        self.scored_stages = list(range(0 if score_first_stage else 1, self.num_stages))
+        self.scored_stages = list(range(0 if scores_first_stage(collab, score_first_stage) else 1, self.num_stages))
         if not self.scored_stages:
             raise ValueError('With one stage there are no stages 2..L to score; set score_first_stage=True.')
         self.labelled = create_labelled_stages(self.stages, self.num_classes, seed=seed, normalize=normalize,
