@@ -101,6 +101,8 @@ def test_compare_tables_finished_interrupted_and_extended_runs(tmp_path, capsys,
     assert cells[0][6] == f"{summary['test']['top1']:.2f}" and cells[0][7] == f"top1 {summary['test']['top1']:.2f}"
     assert cells[1][:5] == ['ff', 'FF', 'MLP[32 2]', 'mnist_subset', '3 of 3, unfinished']
     assert cells[1][5] == f'{_best_by_csv(tmp_path / "ff", key)} so far' and cells[1][6:9] == ['–', '–', '–']
+    row = summarize_run(tmp_path / 'ff')  # an unfinished run still knows its data from dataset.json
+    assert row['train_images'] == 180 and not row['stopped_early'] and row['s_per_epoch'] > 0
     # a summary without an epoch count (older runs) counts while it is newer than the last epoch
     run = tmp_path / 'cffm'
     (run / 'summary.json').write_text(json.dumps({k: v for k, v in summary.items() if k != 'epochs'}))

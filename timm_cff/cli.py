@@ -11,6 +11,7 @@
 The only module that prints and configures logging.
 """
 import argparse
+import json
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .compare import format_comparison, summarize_run
+from .compare import format_comparison, summarize_run, write_comparison
 from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
 from .data import DataError
 from .engine import Progress, analyze_path, evaluate_export, evaluate_run, export_run, probe_run, train_run
@@ -110,6 +111,11 @@ def _parser() -> argparse.ArgumentParser:
                              description='A markdown table of run folders (method, model, epochs, selected epoch, '
                              'test accuracy, one-pass head, stage-1 time), finished or still training.')
     compare.add_argument('run_dirs', nargs='+', metavar='RUN_DIR')
+    compare.add_argument('--format', choices=('markdown', 'json'), default='markdown',
+                         help='print a markdown table or a JSON list of rows (default: markdown)')
+    compare.add_argument('--json', dest='format', action='store_const', const='json', help='same as --format json')
+    compare.add_argument('--out', metavar='PREFIX', help='also write PREFIX.json and PREFIX.md, e.g. '
+                         'docs/results/cifar10_vit128-4-5_rc')
     export = sub.add_parser('export', allow_abbrev=False, help='write the timm folder of a run')
     export.add_argument('run_dir')
     export.add_argument('--out', help='output folder (default: RUN_DIR/export)')
@@ -166,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                                   tsne_samples=args.tsne_samples)
             result = {'report': result['files'][0]}
         elif args.command == 'compare':
-            print(format_comparison([summarize_run(path) for path in args.run_dirs]))
+            rows = [summarize_run(path) for path in args.run_dirs]
+            print(json.dumps(rows, indent=2, ensure_ascii=False) if args.format == 'json' else format_comparison(rows))
+            if args.out:
+                write_comparison(rows, args.out)
             result = None
         else:
             result = {'export': str(export_run(args.run_dir, args.out, args.checkpoint))}

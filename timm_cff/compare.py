@@ -10,31 +10,38 @@ from typing import Any
 from .baselines.ff import scores_first_stage
 from .config import Config
 from .engine import FF_METHODS
-from .run import RunDir
+from .run import DATASET_FILE, RunDir
 
-__all__ = ['summarize_run', 'format_comparison']
+__all__ = ['summarize_run', 'format_comparison', 'write_comparison', 'method_name', 'method_label']
 
 _METHOD_NAMES = {'ff': 'FF', 'symba': 'SymBa', 'collab': 'FF-Collab', 'bp': 'BP+CE'}
 
 
-def method_label(cfg: Config) -> str:
-    """The paper's name of the column a config trains, e.g. ``'CFF+M (0.4→0.1, τ 0.07)'`` or ``'SymBa'``."""
+def method_name(cfg: Config) -> tuple[str, str]:
+    """The paper's name of the column a config trains and the settings that qualify it, e.g.
+    ``('CFF+M', '0.4→0.1, τ 0.07')`` or ``('SymBa', '')``."""
     t = cfg.train
     if t.method != 'cff':
-        name = _METHOD_NAMES.get(t.method, t.method)
+        name, detail = _METHOD_NAMES.get(t.method, t.method), ''
         collab = t.method == 'collab'
         if t.method in FF_METHODS and scores_first_stage(collab, t.score_first_stage) != scores_first_stage(collab):
-            name += ' (all stages scored)' if t.score_first_stage else ' (stages 2..L scored)'  # not the default
-        return name
+            detail = 'all stages scored' if t.score_first_stage else 'stages 2..L scored'  # not the default
+        return name, detail
     details = [f'τ {t.temperature:g}']
     if t.num_views != 2:
         details.append(f'{t.num_views} view{"s" * (t.num_views != 1)}')
     if t.loss != 'marginal_supcon':  # margins apply to the marginal loss only (as in engine.build_trainer)
-        return ('CFF' if t.loss == 'supcon' else f'CFF [{t.loss}]') + f' ({", ".join(details)})'
+        return ('CFF' if t.loss == 'supcon' else f'CFF [{t.loss}]'), ', '.join(details)
     if not (t.m0 or t.m_last):
-        return f'CFF ({", ".join(details)})'
+        return 'CFF', ', '.join(details)
     schedule = '' if t.margin_schedule == 'linear' else f' {t.margin_schedule}'
-    return f'CFF+M ({t.m0:g}→{t.m_last:g}{schedule}, {", ".join(details)})'
+    return 'CFF+M', ', '.join([f'{t.m0:g}→{t.m_last:g}{schedule}', *details])
+
+
+def method_label(cfg: Config) -> str:
+    """The paper's name of the column with its settings, e.g. ``'CFF+M (0.4→0.1, τ 0.07)'`` or ``'SymBa'``."""
+    name, detail = method_name(cfg)
+    return f'{name} ({detail})' if detail else name
 
 
 def model_label(cfg: Config) -> str:
@@ -46,22 +53,28 @@ def model_label(cfg: Config) -> str:
 def summarize_run(path: str | Path) -> dict[str, Any]:
     """One run folder as a flat dict.
 
-    Keys: ``run, method, model, data, epochs_run, epochs, finished, best_epoch, test_top1, metric, test_metric,
-    head_top1, stage1_time_s``; ``metric`` is the paper's metric of the row (``run.metric``, e.g. top5 for
-    CIFAR-100). Accuracies are in percent, None where the run has none (yet): an unfinished run has its best epoch
-    so far and no test accuracy.
+    Keys: ``run, method, variant, model, dataset, train_images, epochs_run, epochs, patience, finished,
+    stopped_early, best_epoch, test_top1, metric, test_metric, head_top1, stage1_s, s_per_epoch``. ``method`` is
+    the paper's name (``CFF+M``, ``CFF``, ``BP+CE``, ``FF``, ``SymBa``, ``FF-Collab``) and ``variant`` its settings;
+    ``metric`` is the paper's metric of the row (``run.metric``, e.g. top5 for CIFAR-100). Accuracies are in percent,
+    None where the run has none (yet): an unfinished run has its best epoch so far and no test accuracy.
     """
     run = RunDir(path)
     cfg = run.read_config()
     epochs = run.read_rows('metrics.csv')
-    row = {'run': run.path.name, 'method': method_label(cfg), 'model': model_label(cfg),
-           'data': Path(cfg.data.root).name if cfg.data.root else cfg.data.dataset, 'epochs_run': len(epochs),
-           'epochs': cfg.train.epochs, 'finished': False, 'best_epoch': None, 'test_top1': None,
-           'metric': cfg.run.metric, 'test_metric': None, 'head_top1': None,
-           'stage1_time_s': round(sum(float(r['time_s']) for r in epochs), 2)}
+    seconds = sum(float(r['time_s']) for r in epochs)
+    name, variant = method_name(cfg)
+    dataset = run.read_json(DATASET_FILE) if (run.path / DATASET_FILE).is_file() else {}
+    row = {'run': run.path.name, 'method': name, 'variant': variant, 'model': model_label(cfg),
+           'dataset': Path(cfg.data.root).name if cfg.data.root else cfg.data.dataset,
+           'train_images': dataset.get('num_images', {}).get('train'), 'epochs_run': len(epochs),
+           'epochs': cfg.train.epochs, 'patience': cfg.train.patience, 'finished': False, 'stopped_early': False,
+           'best_epoch': None, 'test_top1': None, 'metric': cfg.run.metric, 'test_metric': None, 'head_top1': None,
+           'stage1_s': round(seconds, 2), 's_per_epoch': round(seconds / len(epochs), 2) if epochs else None}
     summary = _current_summary(run, len(epochs))
     if summary:
-        row.update(finished=True, best_epoch=summary['best_epoch'],
+        row.update(finished=True, best_epoch=summary['best_epoch'], stopped_early=len(epochs) < cfg.train.epochs,
+                   train_images=summary.get('num_images', {}).get('train', row['train_images']),
                    test_top1=summary['test'].get('top1'), test_metric=summary['test'].get(cfg.run.metric),
                    head_top1=summary.get('test_one_pass_head', {}).get('top1'))
     else:
@@ -100,12 +113,27 @@ def _cell(value: Any) -> str:
 def format_comparison(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`summarize_run` rows, in the given order."""
     lines = ['| run | method | model | data | epochs | selected epoch | test top-1 | test, paper metric '
-             '| one-pass head top-1 | stage-1 s |', '|---|---|---|---|---|---|---|---|---|---|']
+             '| one-pass head top-1 | stage-1 s | s / epoch |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
-        epochs = f'{r["epochs_run"]} of {r["epochs"]}' + ('' if r['finished'] else ', unfinished')
+        epochs = f'{r["epochs_run"]} of {r["epochs"]}'
+        if not r['finished']:
+            epochs += ', unfinished'
+        elif r['stopped_early']:
+            epochs += f', stopped (patience {r["patience"]})'
+        method = f'{r["method"]} ({r["variant"]})' if r['variant'] else r['method']
         metric = '–' if r['test_metric'] is None else f'{r["metric"]} {r["test_metric"]:.2f}'
         best = _cell(r['best_epoch']) + ('' if r['finished'] or r['best_epoch'] is None else ' so far')
-        lines.append(f'| {r["run"]} | {r["method"]} | {r["model"]} | {r["data"]} | {epochs} | {best} | '
+        lines.append(f'| {r["run"]} | {method} | {r["model"]} | {r["dataset"]} | {epochs} | {best} | '
                      f'{_cell(r["test_top1"])} | {metric} | {_cell(r["head_top1"])} | '
-                     f'{r["stage1_time_s"]:,.0f} |')
+                     f'{r["stage1_s"]:,.0f} | {_cell(r["s_per_epoch"])} |')
     return '\n'.join(lines)
+
+
+def write_comparison(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
+    """``OUT.json`` (the rows) and ``OUT.md`` (the table) side by side, e.g. ``docs/results/<recipe>``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = out.with_name(out.name + '.json'), out.with_name(out.name + '.md')
+    paths[0].write_text(json.dumps(rows, indent=2, ensure_ascii=False) + '\n')
+    paths[1].write_text(format_comparison(rows) + '\n')
+    return paths

@@ -79,6 +79,8 @@ class DataConfig:
 class TrainConfig:
     method: str = opt('cff', 'cff (CFF/CFF+M) | ff | symba | collab (FF-Collab) | bp (end-to-end cross-entropy)')
     epochs: int = opt(600, 'stage-1 epochs; the best validation checkpoint acts as early stopping (official 600)')
+    patience: int | None = opt(None, 'stop stage 1 once the selection loss has not improved for N epochs; '
+                                     'None: run every epoch (official)')
     lr: float | None = opt(None, 'learning rate; None: the official value of the method (4e-3 per stage, bp 5e-4)')
     optimizer: str = opt('adamw', 'timm.optim name; adamw decays every parameter as the official code')
     weight_decay: float = opt(0.01, 'weight decay (official 0.01 on all parameters)')

@@ -24,7 +24,7 @@ from .metrics import evaluate_accuracy, first_view
 from .models import create_model
 from .probe import train_linear_probe
 from .pipeline.session import start_distributed
-from .run import RunDir
+from .run import DATASET_FILE, RunDir
 from .trainer import TrainerBase
 
 __all__ = ['train_run', 'probe_run', 'evaluate_run', 'evaluate_export', 'export_run', 'analyze_path', 'build_trainer',
@@ -204,6 +204,8 @@ def _stage1(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict
         _logger.info('Resuming %s after epoch %d', run.path, state['epoch'])
     key = runner.selection_key
     for epoch in range(state['epoch'], cfg.train.epochs):
+        if out_of_patience(state, cfg.train.patience):
+            break
         start = time.perf_counter()
         train, val = _epoch(cfg, runner, loaders['train'], loaders['val'], epoch, progress)
         seconds = time.perf_counter() - start
@@ -219,6 +221,11 @@ def _stage1(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict
                                            **{f'val_{k}': v for k, v in val.items()}})
         progress.message(f'epoch {epoch + 1}: train loss {train["loss"]:.4f}, val {key} {val[key]:.4f}'
                          f'{" (best)" if improved else ""}, {seconds:.1f}s')
+    state['stop_reason'] = 'patience' if out_of_patience(state, cfg.train.patience) and \
+        state['epoch'] < cfg.train.epochs else 'epochs'
+    if state['stop_reason'] == 'patience':
+        progress.message(f'early stop after epoch {state["epoch"]}: no improvement of {key} for '
+                         f'{cfg.train.patience} epochs (best epoch {state["best_epoch"]})')
     if hasattr(checkpoints, 'merged_best'):  # every rank has finished its epochs: rank 0 gathers the best model
         if setup.rank == 0:
             run.save_checkpoint('best', {'trainer': checkpoints.merged_best()})
@@ -226,6 +233,12 @@ def _stage1(cfg: Config, run: RunDir, setup: _Setup, progress: Progress) -> dict
     if hasattr(runner, 'gather'):
         runner.gather(setup.device)
     return state
+
+
+def out_of_patience(state: dict[str, Any], patience: int | None) -> bool:
+    """Whether ``patience`` epochs have passed since the best one; decided from the saved state alone, so a
+    resumed run with more patience (or more epochs) continues where an uninterrupted one would be."""
+    return patience is not None and state['best_epoch'] is not None and state['epoch'] - state['best_epoch'] >= patience
 
 
 def _epoch(cfg: Config, runner: Any, train_loader, val_loader, epoch: int, progress: Progress):
@@ -311,6 +324,11 @@ def _finish(cfg: Config, run: RunDir, setup: _Setup, summary: dict, progress: Pr
     return summary
 
 
+def _dataset_record(data: PreparedData) -> dict[str, Any]:
+    return {'num_classes': data.num_classes,
+            'num_images': {k: len(getattr(data, k)) for k in ('train', 'val', 'test')}}
+
+
 def _open_run(cfg: Config, run_path: str | Path, resume: bool) -> RunDir:
     if resume:
         run = RunDir(run_path)
@@ -327,6 +345,8 @@ def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress:
     (the other ranks return an empty dict).
     """
     progress = progress or Progress()
+    if cfg.train.patience is not None and cfg.train.patience < 1:
+        raise ConfigError(f'train.patience must be a positive number of epochs or null, got {cfg.train.patience}.')
     wall = time.perf_counter()
     distributed = cfg.pipeline.stages > 1
     run = None if distributed else _open_run(cfg, run_path, resume)
@@ -337,6 +357,8 @@ def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress:
         run = _open_run(cfg, box[0], resume) if setup.rank == 0 else RunDir(box[0])
         torch.distributed.barrier()
         progress = progress if setup.rank == 0 else Progress()
+    if setup.rank == 0:  # what `timm-cff compare` reports of a run before it has a summary
+        run.write_json(DATASET_FILE, _dataset_record(setup.data))
     try:
         stage1 = _stage1(cfg, run, setup, progress)
     finally:
@@ -346,10 +368,11 @@ def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress:
         return {}
     stage2 = _stage2(cfg, run, setup, progress)
     summary = {'run': str(run.path), 'method': cfg.train.method, 'epochs': stage1['epoch'],
+               'epochs_configured': cfg.train.epochs, 'patience': cfg.train.patience,
+               'stop_reason': stage1['stop_reason'],
                'best_epoch': stage1['best_epoch'], 'best_val_loss': stage1['best_loss'],
                'selection_key': setup.trainer.selection_key, 'stage1_time_s': round(stage1['time_s'], 2),
-               'stage2': stage2, 'num_classes': setup.data.num_classes,
-               'num_images': {k: len(getattr(setup.data, k)) for k in ('train', 'val', 'test')}}
+               'stage2': stage2, **_dataset_record(setup.data)}
     summary = _finish(cfg, run, setup, summary, progress)
     summary['wall_time_s'] = round(time.perf_counter() - wall, 2)
     run.write_json('summary.json', summary)

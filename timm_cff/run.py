@@ -4,7 +4,8 @@
     RUN/environment.json       library versions, device, command line
     RUN/metrics.csv            one row per stage-1 epoch
     RUN/probe.csv              one row per probe epoch
-    RUN/summary.json           final metrics, best epochs, wall time
+    RUN/dataset.json           class count and images per split (written at each start)
+    RUN/summary.json           final metrics, best epochs, why stage 1 stopped, wall time
     RUN/checkpoints/last.pt    trainer state after the last finished epoch (resume point)
     RUN/checkpoints/best.pt    model weights of the best validation epoch
     RUN/checkpoints/final.pt   model weights after the probe (encoder + fc_norm + head)
@@ -23,7 +24,9 @@ import torch
 
 from .config import Config, ConfigError, config_to_dict, flatten, load_config, save_config
 
-__all__ = ['RunDir', 'CheckpointError', 'environment']
+__all__ = ['RunDir', 'CheckpointError', 'environment', 'DATASET_FILE']
+
+DATASET_FILE = 'dataset.json'
 
 
 class CheckpointError(RuntimeError):
@@ -91,20 +94,21 @@ class RunDir:
         return load_config(self.config_path)
 
     def check_resumable(self, config: Config, may_differ: tuple[str, ...] = ('run.quiet', 'run.device',
-                                                                             'data.workers', 'train.epochs')) -> None:
+                                                                             'data.workers', 'train.epochs',
+                                                                             'train.patience')) -> None:
         """Refuse to resume with a config that differs from the saved one (except ``may_differ`` keys).
 
-        ``train.epochs`` may change: learning rates are constant and every epoch is seeded by its index, so a run
-        extended from N to M epochs continues exactly as an M-epoch run would have. The new count is saved, so a
-        later plain ``--resume`` keeps it.
+        ``train.epochs`` and ``train.patience`` may change: learning rates are constant and every epoch is seeded
+        by its index, so a run extended from N to M epochs (or given more patience) continues exactly as a run
+        started with those settings would have. The new values are saved, so a later plain ``--resume`` keeps them.
         """
         saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
         changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k) and k not in may_differ)
         if changed:
             details = '; '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed[:5])
             raise ConfigError(f'Cannot resume {self.path} with a different config ({details}). Resume without '
-                              'overrides (--train.epochs may change), or start a new run.')
-        if saved['train.epochs'] != new['train.epochs']:
+                              'overrides (--train.epochs and --train.patience may change), or start a new run.')
+        if any(saved.get(k) != new.get(k) for k in ('train.epochs', 'train.patience')):
             _atomic_write(self.config_path, lambda tmp: save_config(config, tmp))
 
     # ------------------------------------------------------------------------------------------ checkpoints
