@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from timm_cff.bench import write_report
+from harness import write_report
 from timm_cff.loss import marginal_supcon_loss, pairwise_cosine, supcon_from_similarity
 
 

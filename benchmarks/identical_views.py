@@ -16,8 +16,8 @@ import torch
 
 from timm_cff import LocalTrainer
 from timm_cff.analysis import clamped_fraction_metric
-from timm_cff.bench import BenchSetup, create_bench_model, write_report
-from timm_cff.mlp import create_mlp
+from harness import BenchSetup, create_bench_model, write_report
+from timm_cff.families import create_mlp
 
 
 def build_model(name: str) -> torch.nn.Module:

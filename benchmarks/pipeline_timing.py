@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from timm_cff.pipeline.cost import group_costs, simulate_pipeline
+from cost import group_costs, simulate_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / 'examples' / 'pipeline_demo.py'

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from timm_cff.bench import METHODS, BenchSetup, count_flops, memory_vs_depth, time_methods, write_report
+from harness import METHODS, BenchSetup, count_flops, memory_vs_depth, time_methods, write_report
 
 TARGETS = {  # the performance targets on ViT[128 4 5], batch 256, 32x32 inputs
     'cff_2view_time_ratio': 2.0, 'cff_1view_time_ratio': 1.0, 'activation_ratio_at_16': 0.35, 'activation_growth': 0.10,

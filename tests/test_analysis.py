@@ -18,7 +18,7 @@ from timm_cff.analysis import (
     PLOT_INSTALL_HINT, analyze, anchor_similarity, block_series, clamped_fraction, clamped_fraction_metric,
     extract_block_features, fisher_criterion, fit_linear_discriminant, layerwise_metrics, linear_probe_accuracy,
     read_history, write_report)
-from timm_cff.analysis.probe import split_indices
+from timm_cff.analysis.lda import split_indices
 
 
 def clusters(num_classes=4, per_class=50, dim=6, spread=1.0, distance=5.0, seed=0):

@@ -11,7 +11,7 @@ from conftest import make_batch, make_vit
 from timm_cff import (BackpropTrainer, ForwardForwardTrainer, LocalTrainer, NonFiniteLossError, OnePassClassifier,
                       create_mlp, create_trainer, evaluate_accuracy, list_methods, time_inference,
                       train_one_pass_head)
-from timm_cff.baselines import MlpOneHotLabel, VitLabelToken, draw_negative_labels
+from timm_cff.families import MlpOneHotLabel, VitLabelToken, draw_negative_labels
 
 FF_METHODS = ['ff', 'symba', 'collab']
 C = 5

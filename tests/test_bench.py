@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from timm_cff.bench import (BenchSetup, count_flops, create_bench_batch, create_step, measure_memory,
+from harness import (BenchSetup, count_flops, create_bench_batch, create_step, measure_memory,
                             memory_in_subprocess, state_bytes, time_methods)
 
 TINY = BenchSetup(embed_dim=32, num_heads=2, depth=2, img_size=16, batch_size=8)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from timm_cff import load_encoder
-from timm_cff.cli import main
-from timm_cff.compare import method_label, summarize_run
-from timm_cff.config import Config, apply_overrides, iter_fields, load_config
+from timm_cff.experiment.cli import main
+from timm_cff.experiment.compare import method_label, summarize_run
+from timm_cff.experiment.config import Config, apply_overrides, iter_fields, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / 'examples' / 'configs' / 'quickstart.yaml')
@@ -51,17 +51,17 @@ def test_quickstart_smoke_run_writes_the_run_folder(tmp_path, capsys):
 
 
 def interrupted(*args, **kwargs):
-    raise KeyboardInterrupt  # replaces engine._stage2: the process dies after stage 1's checkpoints, before the probe
+    raise KeyboardInterrupt  # replaces engine.fit_stage2: the process dies after stage 1's checkpoints, before the probe
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     assert train(tmp_path, name='full') == 0
-    from timm_cff import engine
-    real = engine._stage2
-    monkeypatch.setattr(engine, '_stage2', interrupted)
+    from timm_cff.experiment import commands as engine
+    real = engine.fit_stage2
+    monkeypatch.setattr(engine, 'fit_stage2', interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path, '--train.epochs=1', name='part')
-    monkeypatch.setattr(engine, '_stage2', real)
+    monkeypatch.setattr(engine, 'fit_stage2', real)
     # the interrupted run was configured for 1 epoch; extend it to the full run's 2 (any other change is refused)
     with pytest.raises(SystemExit):
         main(['train', '--resume'])
@@ -83,11 +83,11 @@ def _best_by_csv(run: Path, key: str) -> int:
 
 
 def test_compare_tables_finished_interrupted_and_extended_runs(tmp_path, capsys, monkeypatch):
-    from timm_cff import engine
+    from timm_cff.experiment import commands as engine
     assert train(tmp_path, '--train.epochs=3', name='cffm') == 0
     assert train(tmp_path, '--train.method=ff', '--model.name=mlp', name='ff') == 0
     key = json.loads((tmp_path / 'ff' / 'summary.json').read_text())['selection_key']
-    monkeypatch.setattr(engine, '_stage2', interrupted)
+    monkeypatch.setattr(engine, 'fit_stage2', interrupted)
     with pytest.raises(KeyboardInterrupt):  # extended to 3 epochs, stopped before the probe: the summary is stale
         main(['train', '--resume', str(tmp_path / 'ff'), '--train.epochs=3'])
     capsys.readouterr()

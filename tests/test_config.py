@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from timm_cff.config import Config, ConfigError, apply_overrides, load_config, parse_override, save_config
+from timm_cff.experiment.config import Config, ConfigError, apply_overrides, load_config, parse_override, save_config
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path):
@@ -78,7 +78,7 @@ def test_autocast_and_compile_reach_the_cff_trainer_only():
     import timm
     import torch
 
-    from timm_cff.engine import build_trainer
+    from timm_cff.experiment.build import build_trainer, check_train_keys, unused_train_keys
 
     def vit():
         return timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=8, embed_dim=16, depth=1, num_heads=2,
@@ -86,7 +86,17 @@ def test_autocast_and_compile_reach_the_cff_trainer_only():
     trainer = build_trainer(load_config(None, {'train.autocast': 'bfloat16'}), vit())
     assert trainer.autocast_dtype == torch.bfloat16 and trainer.scaler is None
     assert build_trainer(load_config(None, {'train.autocast': 'float16'}), vit()).scaler is not None
-    with pytest.raises(ConfigError, match='train.method=cff only'):
-        build_trainer(load_config(None, {'train.method': 'bp', 'train.autocast': 'bfloat16'}), vit())
+    # a key the method does not read: refused when the user set it, logged when it comes from a recipe
+    bp = load_config(None, {'train.method': 'bp', 'train.autocast': 'bfloat16'})
+    with pytest.raises(ConfigError, match=r'train.autocast is set but train.method=bp does not read it \(it is for cff\)'):
+        check_train_keys(bp, {'train.autocast'})
+    check_train_keys(bp, set())
+    assert not hasattr(build_trainer(bp, vit()), 'autocast_dtype')
+    supcon = load_config(None, {'train.loss': 'supcon', 'train.m0': 0.2})
+    assert unused_train_keys(supcon) == [('m0', 'train.loss=supcon takes no margin (use marginal_supcon for CFF+M)')]
+    with pytest.raises(ConfigError, match='train.m0 is set but train.loss=supcon takes no margin'):
+        check_train_keys(supcon, {'train.m0'})
+    symba = load_config(None, {'train.method': 'symba', 'train.threshold': 3.0, 'train.alpha': 2.0})
+    assert [k for k, _ in unused_train_keys(symba)] == ['threshold']
     with pytest.raises(ValueError, match="autocast_dtype must be None, 'bfloat16' or 'float16'"):
         build_trainer(load_config(None, {'train.autocast': 'bf16'}), vit())

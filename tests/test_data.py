@@ -5,9 +5,10 @@ import torch
 from torchvision.io import write_png
 from torchvision.transforms import v2
 
-from timm_cff.config import DataConfig
-from timm_cff.data import (ArrayDataset, BatchAugment, DataError, ImageLoader, corrupt_labels, create_loaders,
-                           keep_fraction, load_dataset, prepare_data, split_train_val)
+from timm_cff.experiment.config import DataConfig
+from timm_cff.data import (ArrayDataset, BatchAugment, DataError, ImageLoader, corrupt_labels, keep_fraction,
+                           load_dataset, split_train_val)
+from timm_cff.experiment.data import create_loaders, prepare_data
 from timm_cff.data.augment import random_crop, random_hflip
 
 

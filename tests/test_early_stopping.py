@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from timm_cff.cli import main
-from timm_cff.config import load_config
+from timm_cff.experiment.cli import main
+from timm_cff.experiment.config import load_config
 
 from test_cli import QUICKSTART, TINY, final_weights
 
@@ -30,7 +30,7 @@ def summary(run: Path) -> dict:
 
 
 def test_a_run_where_nothing_improves_stops_after_one_plus_patience_epochs(tmp_path, monkeypatch):
-    from timm_cff.trainer import LocalTrainer
+    from timm_cff.methods import LocalTrainer
     real, calls = LocalTrainer.evaluate, []
 
     def worsening(self, loader):  # every validation loss grows each epoch: epoch 1 is never beaten

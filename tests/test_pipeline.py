@@ -11,7 +11,7 @@ from conftest import make_batch, make_vit
 from timm_cff import LocalTrainer, NonFiniteLossError
 from timm_cff.pipeline import (PipelineTrainer, balance_stages, latest_checkpoint, measure_stage_costs,
                                merge_stage_states, prune_checkpoints, stage_ranges)
-from timm_cff.pipeline.cost import (group_costs, ring_allreduce_time, sequential_time, simulate_pipeline,
+from cost import (group_costs, ring_allreduce_time, sequential_time, simulate_pipeline,
                                     simulate_wavefront, vit_stage_flops, vit_stage_params)
 
 @pytest.fixture(autouse=True)

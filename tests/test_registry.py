@@ -6,7 +6,7 @@ from torch import nn
 
 from timm_cff.loss import (MarginalSupConLoss, SupConLoss, create_loss, get_loss_class, get_loss_info, list_losses,
                            register_loss)
-from timm_cff.loss import _registry
+from timm_cff.loss import registry
 
 
 def test_builtin_names_and_filters():
@@ -50,4 +50,4 @@ def test_register_defaults_and_overwrite_warning(caplog):
             register_loss('test_scaled')(Scaled)
         assert 'registered again' in caplog.text
     finally:
-        _registry._LOSSES.pop('test_scaled')
+        registry._LOSSES.unregister('test_scaled')

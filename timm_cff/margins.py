@@ -8,7 +8,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ['linear', 'parabolic', 'cosine', 'exponential', 'MarginSchedule', 'linear_margins', 'create_margins',
+#: The CFF+M margins of the paper: 0.4 at the first stage, 0.1 at the last.
+PAPER_M0, PAPER_M_LAST = 0.4, 0.1
+
+__all__ = ['PAPER_M0', 'PAPER_M_LAST', 'PAPER_MARGINS', 'linear', 'parabolic', 'cosine', 'exponential', 'MarginSchedule', 'linear_margins', 'create_margins',
            'list_margin_schedules', 'resolve_margins']
 
 
@@ -19,23 +22,23 @@ def _positions(num_stages: int) -> list[float]:
     return [i / (num_stages - 1) if num_stages > 1 else 0.0 for i in range(num_stages)]
 
 
-def linear(num_stages: int, m0: float = 0.4, m_last: float = 0.1) -> list[float]:
+def linear(num_stages: int, m0: float = PAPER_M0, m_last: float = PAPER_M_LAST) -> list[float]:
     """``linspace(m0, m_last, L)``: the CFF+M schedule (0.4 -> 0.1)."""
     return [m0 * (1 - t) + m_last * t for t in _positions(num_stages)]
 
 
-def parabolic(num_stages: int, m0: float = 0.4, m_last: float = 0.1, k: float = 1.0) -> list[float]:
+def parabolic(num_stages: int, m0: float = PAPER_M0, m_last: float = PAPER_M_LAST, k: float = 1.0) -> list[float]:
     """``(r (1 - t))^(2k) + m_last`` with ``r = (m0 - m_last)^(1/2k)``: falls fast, then flattens at ``m_last``."""
     r = (m0 - m_last) ** (1 / (2 * k))
     return [(r * (1 - t)) ** (2 * k) + m_last for t in _positions(num_stages)]
 
 
-def cosine(num_stages: int, m0: float = 0.4, m_last: float = 0.1, k: float = 1.0) -> list[float]:
+def cosine(num_stages: int, m0: float = PAPER_M0, m_last: float = PAPER_M_LAST, k: float = 1.0) -> list[float]:
     """Half a cosine from ``m0`` to ``m_last`` over ``t^k``."""
     return [0.5 * (m0 - m_last) * (math.cos(math.pi * t ** k) + 1) + m_last for t in _positions(num_stages)]
 
 
-def exponential(num_stages: int, m0: float = 0.4, m_last: float = 0.1, k: float = 1.0) -> list[float]:
+def exponential(num_stages: int, m0: float = PAPER_M0, m_last: float = PAPER_M_LAST, k: float = 1.0) -> list[float]:
     """``m0 · (0.1 / m0)^(t^k)``; like the official code it ends at 0.1 whatever ``m_last`` is."""
     del m_last  # kept for the common signature; the official schedule ignores it
     return [m0 * (0.1 / m0) ** (t ** k) for t in _positions(num_stages)]
@@ -53,8 +56,8 @@ def list_margin_schedules() -> list[str]:
 class MarginSchedule:
     """A schedule waiting for the number of stages: ``MarginSchedule('linear', 0.4, 0.1)(5)``."""
     name: str = 'linear'
-    m0: float = 0.4
-    m_last: float = 0.1
+    m0: float = PAPER_M0
+    m_last: float = PAPER_M_LAST
     k: float = 1.0
 
     def __post_init__(self):
@@ -65,12 +68,12 @@ class MarginSchedule:
         return create_margins(self.name, num_stages, self.m0, self.m_last, self.k)
 
 
-def linear_margins(m0: float = 0.4, m_last: float = 0.1) -> MarginSchedule:
+def linear_margins(m0: float = PAPER_M0, m_last: float = PAPER_M_LAST) -> MarginSchedule:
     """The CFF+M schedule for any depth: ``LocalTrainer(vit, margins=linear_margins(0.4, 0.1))``."""
     return MarginSchedule('linear', m0, m_last)
 
 
-def create_margins(name: str, num_stages: int, m0: float = 0.4, m_last: float = 0.1, k: float = 1.0) -> list[float]:
+def create_margins(name: str, num_stages: int, m0: float = PAPER_M0, m_last: float = PAPER_M_LAST, k: float = 1.0) -> list[float]:
     """Margins of schedule ``name`` for ``num_stages`` stages. ``m0 = 0`` gives all zeros (plain CFF)."""
     if name not in _SCHEDULES:
         raise ValueError(f'Unknown margin schedule {name!r}. Known: {", ".join(list_margin_schedules())}.')
@@ -94,3 +97,7 @@ def resolve_margins(margins: float | Sequence[float] | Callable[[int], Sequence[
         raise ValueError(f'Got {len(margins)} margins for a model with {num_stages} stages; give one margin per '
                          f'stage or a schedule such as linear_margins(0.4, 0.1).')
     return margins
+
+
+#: The paper's CFF+M schedule, used when a loss takes a margin and none is given.
+PAPER_MARGINS = linear_margins(PAPER_M0, PAPER_M_LAST)

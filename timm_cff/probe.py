@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .metrics import accuracy, first_view
-from .stages import HEAD_MODULES
+from .families import HEAD_MODULES
 
 __all__ = ['train_linear_probe', 'ProbeResult']
 

@@ -24,8 +24,8 @@ from .plots import plot_clamped_curves as plot_clamped_curves
 from .plots import plot_depth_metrics as plot_depth_metrics
 from .plots import plot_training_curves as plot_training_curves
 from .plots import plot_tsne as plot_tsne
-from .probe import fit_linear_discriminant as fit_linear_discriminant
-from .probe import linear_probe_accuracy as linear_probe_accuracy
+from .lda import fit_linear_discriminant as fit_linear_discriminant
+from .lda import linear_probe_accuracy as linear_probe_accuracy
 from .report import analyze as analyze
 from .report import write_report as write_report
 

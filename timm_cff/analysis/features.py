@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..metrics import first_view
-from ..stages import StageAdapter, create_stages
+from ..families import StageAdapter, create_stages
 
 __all__ = ['extract_block_features', 'block_outputs']
 

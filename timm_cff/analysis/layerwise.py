@@ -14,7 +14,7 @@ from ..loss import pairwise_cosine
 from ..margins import resolve_margins
 from .fisher import fisher_criterion
 from .pairs import anchor_similarity_from_similarity, clamped_fraction_from_similarity
-from .probe import linear_probe_accuracy
+from .lda import linear_probe_accuracy
 
 __all__ = ['layerwise_metrics', 'subsample', 'tsne_embeddings', 'separable_block']
 

@@ -5,7 +5,6 @@
   ``clamped_fraction_metric`` reports it during training through ``LocalTrainer(stage_metrics=...)``.
 - Anchor similarity: how close an anchor sits to samples of its own class and of other classes, block by block.
 """
-import torch
 from torch import Tensor, nn
 
 from ..loss import pairwise_cosine

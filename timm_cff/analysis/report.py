@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..stages import StageAdapter
+from ..families import StageAdapter
 from .features import extract_block_features
 from .history import block_series, read_history
 from .layerwise import layerwise_metrics, tsne_embeddings

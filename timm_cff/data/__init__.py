@@ -1,9 +1,6 @@
 """Data: in-memory datasets, the paper's split/corruption protocol, batched on-device augmentation."""
 from .augment import STATS as STATS
 from .augment import BatchAugment as BatchAugment
-from .factory import PreparedData as PreparedData
-from .factory import create_loaders as create_loaders
-from .factory import prepare_data as prepare_data
 from .loader import ImageLoader as ImageLoader
 from .sources import ArrayDataset as ArrayDataset
 from .sources import DataError as DataError
@@ -14,5 +11,5 @@ from .splits import corrupt_labels as corrupt_labels
 from .splits import keep_fraction as keep_fraction
 from .splits import split_train_val as split_train_val
 
-__all__ = ['STATS', 'BatchAugment', 'PreparedData', 'create_loaders', 'prepare_data', 'ImageLoader', 'ArrayDataset',
+__all__ = ['STATS', 'BatchAugment', 'ImageLoader', 'ArrayDataset',
            'DataError', 'list_datasets', 'load_dataset', 'prepare_tiny_imagenet', 'corrupt_labels', 'keep_fraction', 'split_train_val']

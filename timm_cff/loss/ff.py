@@ -11,7 +11,7 @@ goodness of the other layers to each layer's own.
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import register_loss
+from .registry import register_loss
 
 __all__ = ['goodness', 'FFLoss', 'SymBaLoss']
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._registry import register_loss
+from .registry import register_loss
 
 __all__ = ['SupConLoss', 'MarginalSupConLoss', 'marginal_supcon_loss', 'supcon_from_similarity', 'pairwise_cosine',
            'stack_views', 'identical_view_copies']

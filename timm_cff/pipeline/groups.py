@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..trainer import LocalTrainer
+from ..methods.cff import LocalTrainer
 
 __all__ = ['StageGroup', 'GroupedTrainer', 'balance_stages', 'measure_stage_costs', 'stage_ranges',
            'place_groups']
@@ -218,8 +218,11 @@ class GroupedTrainer:
     def selection_key(self) -> str:
         return self.trainer.selection_key
 
-    def train_epoch(self, loader: Iterable | None) -> dict[str, float]:
-        """One pipelined epoch over ``(views, labels)`` batches, drained at the end; per-sample mean losses."""
+    def train_epoch(self, loader: Iterable | None, on_step=None) -> dict[str, float]:
+        """One pipelined epoch over ``(views, labels)`` batches, drained at the end; per-sample mean losses.
+
+        ``on_step`` is accepted for the ``Runner`` protocol and not called: a pipelined step has no single moment
+        at which every stage's loss of one batch is known."""
         self.trainer.model.train()
         for group in self.groups:
             group.num_updates = self.trainer.num_updates
@@ -236,6 +239,10 @@ class GroupedTrainer:
         means = self._run(loader, backward=False)
         self.trainer.model.train(was_training)
         return means
+
+    def gather(self, device: torch.device | str | None = None) -> LocalTrainer:
+        """The plain trainer once training is over (a subclass moves the stages onto one device first)."""
+        return self.trainer
 
     def _run(self, loader: Iterable | None, backward: bool) -> dict[str, float]:
         raise NotImplementedError

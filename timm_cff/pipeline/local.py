@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..trainer import LocalTrainer, split_batch
+from ..methods.base import split_batch
+from ..methods.cff import LocalTrainer
 from .groups import GroupedTrainer, StageGroup, balance_stages, place_groups, stage_ranges
 
 __all__ = ['PipelineTrainer']

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..trainer import LocalTrainer, split_batch
+from ..loop import Callback, EpochResult
+from ..methods.base import split_batch
+from ..methods.cff import LocalTrainer
 from .checkpoint import (COMPLETE_FILE, latest_checkpoint, load_merged_state, load_pipeline_checkpoint,
                          prune_checkpoints, save_pipeline_checkpoint)
 from .comm import init_distributed
@@ -64,7 +66,7 @@ def create_runner(trainer: LocalTrainer, stages: int, devices: list, first_batch
     return trainer
 
 
-class RankCheckpoints:
+class RankCheckpoints(Callback):
     """Stage-1 checkpoints of a multi-process pipeline under ``RUN/checkpoints/pipeline``: ``epochNNNN/`` (the two
     newest kept) and ``best/``, one file per stage group, complete once ``complete.json`` is written last."""
 
@@ -79,8 +81,9 @@ class RankCheckpoints:
         load_pipeline_checkpoint(self.worker, latest)
         return json.loads((latest / RUN_STATE_FILE).read_text())
 
-    def save(self, state: dict[str, Any], improved: bool) -> None:
-        folders = [self.root / f'epoch{state["epoch"]:04d}'] + ([self.root / 'best'] if improved else [])
+    def on_epoch_end(self, result: EpochResult) -> None:
+        state = result.state
+        folders = [self.root / f'epoch{state["epoch"]:04d}'] + ([self.root / 'best'] if result.improved else [])
         for folder in folders:
             if self.rank == 0:  # written before the group files, so a complete folder always has it
                 folder.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..trainer import LocalTrainer, split_batch
+from ..methods.base import split_batch
+from ..methods.cff import LocalTrainer
 from .comm import ActivationLink, peer_guard
 from .groups import GroupedTrainer, StageGroup, balance_stages, place_groups, stage_ranges
 from .replicas import GatheredLoss, GradientReducer, broadcast_parameters

@@ -38,7 +38,7 @@ def environment() -> dict[str, Any]:
     import timm
     import torchvision
 
-    from .version import __version__
+    from ..version import __version__
     return {
         'timm_cff': __version__, 'timm': timm.__version__, 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'python': platform.python_version(), 'platform': platform.platform(),

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .trainer import LocalTrainer
+from timm_cff import LocalTrainer
 
 __all__ = ['BenchSetup', 'METHODS', 'create_bench_model', 'create_bench_batch', 'create_step',
            'time_methods', 'count_flops', 'measure_memory', 'memory_in_subprocess', 'memory_vs_depth', 'state_bytes',
@@ -122,7 +122,7 @@ def _bp(checkpointing: bool = False):
 
 def _ff(model: nn.Module, setup: BenchSetup) -> tuple[Step, list[torch.optim.Optimizer]]:
     """FF on the same ViT (label patch, positive and negative pass per stage), from the FF baseline trainer."""
-    from .baselines import create_trainer
+    from timm_cff import create_trainer
     trainer = create_trainer('ff', model)
     return (lambda batch: trainer.step(batch[0][0], batch[1])), trainer.optimizers
 
@@ -275,12 +275,13 @@ def memory_in_subprocess(method: str, setup: BenchSetup, threads: int | None = N
     """
     if malloc not in ('mmap', 'default'):
         raise ValueError(f"malloc must be 'mmap' or 'default', got {malloc!r}.")
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')]))}
+    here = Path(__file__).resolve().parent  # benchmarks/ (this module) and the repository root (timm_cff)
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [str(here), str(here.parent),
+                                                                     os.environ.get('PYTHONPATH')]))}
     env.pop('MALLOC_MMAP_THRESHOLD_', None)
     if malloc == 'mmap':
         env['MALLOC_MMAP_THRESHOLD_'] = '65536'
-    code = 'import sys; from timm_cff.bench import _memory_worker; _memory_worker(sys.argv[1], sys.argv[2])'
+    code = 'import sys; from harness import _memory_worker; _memory_worker(sys.argv[1], sys.argv[2])'
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / 'memory.json'
         args = json.dumps({'method': method, 'setup': asdict(setup), 'threads': threads})

@@ -4,11 +4,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DataConfig
-from .augment import STATS, BatchAugment
-from .loader import ImageLoader
-from .sources import DATASET_DEFAULTS, ArrayDataset, DataError, load_dataset
-from .splits import corrupt_labels, keep_fraction, split_train_val
+from ..data.augment import STATS, BatchAugment
+from ..data.loader import ImageLoader
+from ..data.sources import DATASET_DEFAULTS, ArrayDataset, DataError, load_dataset
+from ..data.splits import corrupt_labels, keep_fraction, split_train_val
+from .config import DataConfig
 
 __all__ = ['PreparedData', 'prepare_data', 'create_loaders']
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..trainer import TrainerBase, _build_optimizer, _build_scheduler
+from .base import TrainerBase, build_optimizer, build_scheduler
+from .registry import MethodInfo, register_method
 
 __all__ = ['BackpropTrainer']
 
@@ -33,8 +34,8 @@ class BackpropTrainer(TrainerBase):
                  label_smoothing: float = 0.0, check_finite: bool = True):
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizers = [_build_optimizer(params, optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))]
-        self.schedulers = [_build_scheduler(self.optimizers[0], scheduler)] if scheduler else []
+        self.optimizers = [build_optimizer(params, optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))]
+        self.schedulers = [build_scheduler(self.optimizers[0], scheduler)] if scheduler else []
         self.label_smoothing = label_smoothing
         self.num_views = 1
         self.check_finite = check_finite
@@ -73,3 +74,7 @@ class BackpropTrainer(TrainerBase):
 
     def _as_dict(self, stats: Tensor) -> dict[str, Tensor]:
         return {'loss': stats[0], 'top1': stats[1]}
+
+
+register_method(MethodInfo('bp', 'BP+CE', BackpropTrainer, end_to_end=True,
+                           description='end-to-end backpropagation with cross-entropy'))

@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .progress import Progress
 from .compare import format_comparison, summarize_run, write_comparison
 from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
-from .data import DataError
-from .engine import Progress, analyze_path, evaluate_export, evaluate_run, export_run, probe_run, train_run
-from .run import CheckpointError, RunDir
-from .trainer import NonFiniteLossError
+from ..data import DataError
+from .commands import analyze_path, evaluate_export, evaluate_run, export_run, probe_run, train_run
+from .rundir import CheckpointError, RunDir
+from ..methods import NonFiniteLossError
 
 __all__ = ['main']
 
@@ -144,7 +145,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     if lead:
         print(f'run folder: {path}', flush=True)
     progress = QuietProgress() if cfg.run.quiet or not lead else TqdmProgress()
-    return train_run(cfg, path, resume=bool(args.resume), progress=progress)
+    return train_run(cfg, path, resume=bool(args.resume), progress=progress, explicit_keys=set(overrides))
 
 
 def _setup_logging(quiet: bool) -> None:

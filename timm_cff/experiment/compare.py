@@ -7,30 +7,29 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .baselines.ff import scores_first_stage
+from ..methods import get_method_info
+from ..methods.ff import scores_first_stage
+from ..loss import takes_margin
 from .config import Config
-from .engine import FF_METHODS
-from .run import DATASET_FILE, RunDir
+from .rundir import DATASET_FILE, RunDir
 
 __all__ = ['summarize_run', 'format_comparison', 'write_comparison', 'method_name', 'method_label']
-
-_METHOD_NAMES = {'ff': 'FF', 'symba': 'SymBa', 'collab': 'FF-Collab', 'bp': 'BP+CE'}
-
 
 def method_name(cfg: Config) -> tuple[str, str]:
     """The paper's name of the column a config trains and the settings that qualify it, e.g.
     ``('CFF+M', '0.4→0.1, τ 0.07')`` or ``('SymBa', '')``."""
     t = cfg.train
     if t.method != 'cff':
-        name, detail = _METHOD_NAMES.get(t.method, t.method), ''
+        info = get_method_info(t.method)
+        name, detail = info.paper_name, ''
         collab = t.method == 'collab'
-        if t.method in FF_METHODS and scores_first_stage(collab, t.score_first_stage) != scores_first_stage(collab):
+        if info.label_conditioned and scores_first_stage(collab, t.score_first_stage) != scores_first_stage(collab):
             detail = 'all stages scored' if t.score_first_stage else 'stages 2..L scored'  # not the default
         return name, detail
     details = [f'τ {t.temperature:g}']
     if t.num_views != 2:
         details.append(f'{t.num_views} view{"s" * (t.num_views != 1)}')
-    if t.loss != 'marginal_supcon':  # margins apply to the marginal loss only (as in engine.build_trainer)
+    if not takes_margin(t.loss):  # margins apply to a loss that takes one (as in build.build_trainer)
         return ('CFF' if t.loss == 'supcon' else f'CFF [{t.loss}]'), ', '.join(details)
     if not (t.m0 or t.m_last):
         return 'CFF', ', '.join(details)
@@ -98,8 +97,8 @@ def _best_epoch_so_far(run: RunDir) -> int | None:
     """The run loop's best epoch from the resume point: ``last.pt``, or a torchrun pipeline's newest checkpoint."""
     if run.checkpoint_path('last').is_file():
         return run.load_checkpoint('last')['state']['best_epoch']
-    from .pipeline.checkpoint import latest_checkpoint
-    from .pipeline.session import RUN_STATE_FILE
+    from ..pipeline.checkpoint import latest_checkpoint
+    from ..pipeline.session import RUN_STATE_FILE
     latest = latest_checkpoint(run.path / 'checkpoints' / 'pipeline')
     return json.loads((latest / RUN_STATE_FILE).read_text())['best_epoch'] if latest else None
 

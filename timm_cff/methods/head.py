@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..probe import ProbeResult, train_linear_probe
 from .ff import ForwardForwardTrainer
-from .labels import LabelledStages
+from ..families import LabelledStages
 
 __all__ = ['OnePassClassifier', 'train_one_pass_head']
 

@@ -1,20 +1,19 @@
-"""A loss registry that speaks timm's verbs: ``register_loss``, ``create_loss``, ``list_losses``, ``get_loss_class``.
+"""The loss registry: ``register_loss``, ``create_loss``, ``list_losses``, ``get_loss_class``, ``takes_margin``.
 
-timm has registries for models and optimizers but a fixed ``if/elif`` for losses; this copies the shape of
-``timm.optim``'s registry (an info record, list/get/create verbs) so that YAML strings, classes and partials take one
-path.
+timm has registries for models and optimizers but a fixed ``if/elif`` for losses; this one has the shape of every
+timm-cff registry (``timm_cff.registry``), so that YAML strings, classes and partials take one path.
 """
-import fnmatch
 import functools
-import logging
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ['LossInfo', 'register_loss', 'create_loss', 'list_losses', 'get_loss_class', 'get_loss_info']
+from ..registry import Registry
 
-_logger = logging.getLogger(__name__)
+__all__ = ['LossInfo', 'register_loss', 'create_loss', 'list_losses', 'get_loss_class', 'get_loss_info',
+           'takes_margin']
 
 
 @dataclass(frozen=True)
@@ -26,16 +25,33 @@ class LossInfo:
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
-_LOSSES: dict[str, LossInfo] = {}
+    @property
+    def takes_margin(self) -> bool:
+        """Whether the loss has a per-stage ``margin`` (the CFF+M margin schedule applies to it)."""
+        return _has_margin(self.loss_class)
+
+
+def _has_margin(factory: Callable[..., nn.Module]) -> bool:
+    try:
+        return 'margin' in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a callable without a signature: assume it may take one
+        return True
+
+
+def takes_margin(loss: str | Callable[..., nn.Module]) -> bool:
+    """Whether a registered name, class or partial takes a ``margin`` argument."""
+    return get_loss_info(loss).takes_margin if isinstance(loss, str) else _has_margin(loss)
+
+
+_LOSSES: Registry[LossInfo] = Registry('loss')
 
 
 def register_loss(name: str, description: str = '', **defaults: Any) -> Callable[[type], type]:
     """Class decorator: ``@register_loss('supcon', description='...')``. Re-registering a name warns and replaces."""
     def _register(cls: type) -> type:
         key = name.lower()
-        if key in _LOSSES:
-            _logger.warning('Loss %r is registered again; %s replaces %s.', key, cls, _LOSSES[key].loss_class)
-        _LOSSES[key] = LossInfo(key, cls, description or (cls.__doc__ or '').strip().split('\n')[0], dict(defaults))
+        _LOSSES.register(key, LossInfo(key, cls, description or (cls.__doc__ or '').strip().split('\n')[0],
+                                       dict(defaults)))
         return cls
     return _register
 
@@ -46,24 +62,13 @@ def list_losses(
         with_description: bool = False,
 ) -> list[str] | list[tuple[str, str]]:
     """Registered loss names (sorted), filtered with fnmatch wildcards like ``timm.list_models``."""
-    names = sorted(_LOSSES)
-    if filter:
-        patterns = [filter] if isinstance(filter, str) else filter
-        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
-    if exclude_filters:
-        patterns = [exclude_filters] if isinstance(exclude_filters, str) else exclude_filters
-        names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in patterns)]
-    if with_description:
-        return [(n, _LOSSES[n].description) for n in names]
-    return names
+    names = _LOSSES.names(filter, exclude_filters)
+    return [(n, _LOSSES.get(n).description) for n in names] if with_description else names
 
 
 def get_loss_info(name: str) -> LossInfo:
     """The ``LossInfo`` of a registered name; ``ValueError`` naming the known losses otherwise."""
-    key = name.lower()
-    if key not in _LOSSES:
-        raise ValueError(f'Unknown loss {name!r}. Known losses: {", ".join(list_losses())}.')
-    return _LOSSES[key]
+    return _LOSSES.get(name)
 
 
 def get_loss_class(name: str, bind_defaults: bool = True) -> Callable[..., nn.Module]:

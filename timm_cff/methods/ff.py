@@ -21,9 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from ..loss import create_loss, goodness
-from ..stages import StageAdapter, create_stages
-from ..trainer import TrainerBase, _build_optimizer, _build_scheduler
-from .labels import create_labelled_stages, draw_negative_labels
+from ..families import StageAdapter, create_labelled_stages, create_stages, draw_negative_labels
+from .base import TrainerBase, build_optimizer, build_scheduler
+from .registry import MethodInfo, register_method
 
 __all__ = ['ForwardForwardTrainer', 'scores_first_stage']
 
@@ -90,9 +90,9 @@ class ForwardForwardTrainer(TrainerBase):
         self.collab = collab
         params = [self.stages.stage_parameters(i) for i in range(self.num_stages)]
         params[0] = params[0] + list(self.labelled.parameters())  # the label position embedding is stage 0's
-        self.optimizers = [_build_optimizer(p, optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))
+        self.optimizers = [build_optimizer(p, optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))
                            for p in params]
-        self.schedulers = [_build_scheduler(opt, scheduler) for opt in self.optimizers] if scheduler else []
+        self.schedulers = [build_scheduler(opt, scheduler) for opt in self.optimizers] if scheduler else []
         self.num_views = 1
         self.check_finite = check_finite
         self.seed = seed
@@ -193,3 +193,14 @@ class ForwardForwardTrainer(TrainerBase):
         for name, row in zip(('loss', 'goodness_pos', 'goodness_neg'), stats):
             out.update({f'{name}_block{i}': value for i, value in enumerate(row)})
         return out
+
+
+_FF_KEYS = ('score_first_stage',)
+register_method(MethodInfo('ff', 'FF', ForwardForwardTrainer, {'loss': 'ff'}, label_conditioned=True,
+                           description='Forward-Forward with label tokens, threshold loss',
+                           config_keys=('threshold', *_FF_KEYS)))
+register_method(MethodInfo('symba', 'SymBa', ForwardForwardTrainer, {'loss': 'symba'}, label_conditioned=True,
+                           description='SymBa: symmetric loss on the goodness gap', config_keys=('alpha', *_FF_KEYS)))
+register_method(MethodInfo('collab', 'FF-Collab', ForwardForwardTrainer, {'loss': 'ff', 'collab': True},
+                           label_conditioned=True, description='FF-Collab: FF with the detached goodness of the '
+                           'other stages', config_keys=('threshold', *_FF_KEYS)))

@@ -11,11 +11,14 @@ on it unchanged; ``MlpStages`` is its stage adapter.
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .stages import StageAdapter, register_stages
+from .base import StageAdapter, register_stages
+from .labels import LabelledStages, register_labelled_stages
 
-__all__ = ['MLP', 'MlpStages', 'create_mlp']
+__all__ = ['MLP', 'MlpStages', 'MlpOneHotLabel', 'create_mlp']
 
 
 class MLP(nn.Module):
@@ -93,7 +96,7 @@ def create_mlp(embed_dim: int = 500, depth: int = 3, num_classes: int = 10, *, i
                input_size=(in_chans, height, width))
 
 
-@register_stages(MLP)
+@register_stages(MLP, name='mlp')
 class MlpStages(StageAdapter):
     """Stages of an ``MLP``: stage l is layer l (Linear + ReLU); stage 0 also flattens the input.
 
@@ -119,3 +122,34 @@ class MlpStages(StageAdapter):
 
     def stage_parameters(self, index: int) -> list[nn.Parameter]:
         return list(self.model.layers[index].parameters())
+
+
+@register_labelled_stages(MlpStages)
+class MlpOneHotLabel(LabelledStages):
+    """MLP: the label as a one-hot code of height ``value`` in the first C input values (Hinton's FF).
+
+    Args:
+        stages: ``MlpStages``.
+        num_classes: C (at most the number of input values).
+        value: the height of the one-hot entry.
+        seed: unused (the code needs no randomness); accepted so every family takes the same arguments.
+        normalize: see ``LabelledStages`` (both modes agree for vectors).
+    """
+
+    def __init__(self, stages: MlpStages, num_classes: int, *, value: float = 1.0, seed: int = 0,
+                 normalize: str = 'sample'):
+        super().__init__(stages, num_classes, normalize)
+        if num_classes > stages.model.in_features:
+            raise ValueError(f'{num_classes} classes do not fit in the {stages.model.in_features} input values.')
+        self.value = value
+
+    def forward_first(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """``[B, ...] -> [B, E]``: layer 0 on the flattened input with its first C values replaced by the label."""
+        x = self.stages.embed(x)  # [B, D]
+        code = x.new_zeros(len(x), self.num_classes)
+        if labels is not None:
+            code = F.one_hot(labels, self.num_classes).to(x.dtype) * self.value
+        return self.stages.forward_stage(0, torch.cat([code, x[:, self.num_classes:]], dim=1))
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, value={self.value}'
