@@ -14,9 +14,9 @@ import time
 
 import torch
 
+from harness import BenchSetup, create_bench_model, write_report
 from timm_cff import LocalTrainer
 from timm_cff.analysis import clamped_fraction_metric
-from harness import BenchSetup, create_bench_model, write_report
 from timm_cff.families import create_mlp
 
 
@@ -64,7 +64,8 @@ def main(argv=None) -> None:
     results = {m: measure(m, args.batch, args.repeats) for m in args.models.split(',')}
     lines = [f'CFF+M step with identical views, batch {args.batch}, {torch.get_num_threads()} threads, median of '
              f'{args.repeats} interleaved steps:\n',
-             '| model | two equal tensors ms | one tensor twice ms | speed-up | first step: max difference of the per-block losses and R(k) |',
+             '| model | two equal tensors ms | one tensor twice ms | speed-up | '
+             'first step: max difference of the per-block losses and R(k) |',
              '|---|---|---|---|---|']
     for m, r in results.items():
         lines.append(f"| {m} | {r['ms']['two_tensors']:.1f} | {r['ms']['one_tensor']:.1f} | {r['speedup']:.2f}x | "

@@ -10,9 +10,8 @@ prediction from these assumptions, not a measurement; see docs/scaling.md.
 """
 import argparse
 
+from cost import group_costs, ring_allreduce_time, simulate_pipeline, vit_stage_flops, vit_stage_params
 from timm_cff.pipeline import balance_stages
-from cost import (group_costs, ring_allreduce_time, simulate_pipeline, vit_stage_flops,
-                                    vit_stage_params)
 
 #: name -> (embed_dim, depth, mlp_ratio, patch_size, tokens, images per epoch, global batch)
 MODELS = {

@@ -4,7 +4,7 @@
 
 Runs ``examples/pipeline_demo.py`` once per configuration and round (the rounds interleave the configurations, so
 load from other jobs on the machine spreads over all of them) and prints a markdown table. Measured: the fastest
-epoch of a run, median over rounds. Predicted by ``timm_cff.pipeline.cost.simulate_pipeline`` from (a) the per-stage
+epoch of a run, median over rounds. Predicted by ``simulate_pipeline`` (``benchmarks/cost.py``) from (a) the per-stage
 costs that the one-process run of the same round measured, the stage groups the pipeline chose and the transfer
 times it measured, and (b) the same transfers and each group's own compute time in the run (``busy_s``), which checks
 the schedule model apart from how much slower each process computes when processes share cores.

@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/run_benchmark.py --out benchmarks/results/cpu          # the full benchmark
     PYTHONPATH=. python benchmarks/run_benchmark.py --quick --out /tmp/bench_quick        # a few steps, tiny model
 
-See docs/performance.md for what is measured and how; the library part is ``timm_cff.bench``.
+See docs/performance.md for what is measured and how; the measuring code is ``benchmarks/harness.py``.
 """
 import argparse
 import json

@@ -139,7 +139,7 @@ def main() -> None:
                 prune_checkpoints(args.checkpoint_dir, keep=2)
         if rank == 0:
             print(f'epoch {runner.epoch}: {epoch_times[-1]:.2f} s, loss {metrics["loss"]:.4f}, last stage '
-                  f'{metrics[f"loss_block{args.depth - 1}"]:.4f}', flush=True)
+                  f'{metrics[f"loss_stage{args.depth - 1}"]:.4f}', flush=True)
     if rank == 0 and args.json:
         args.json.write_text(json.dumps({
             'world_size': dist.get_world_size() if distributed else 1, 'stages': args.stages,

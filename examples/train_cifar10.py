@@ -45,11 +45,11 @@ def main() -> None:
             first = first or {k: float(v) for k, v in out.items()}
             step += 1
             if step % 25 == 0 or step == args.steps:
-                blocks = ' '.join(f'{float(out[f"loss_block{i}"]):.3f}' for i in range(trainer.num_stages))
+                blocks = ' '.join(f'{float(out[f"loss_stage{i}"]):.3f}' for i in range(trainer.num_stages))
                 print(f'step {step}: block losses {blocks} ({time.perf_counter() - start:.0f}s)', flush=True)
             if step == args.steps:
                 break
-    print('first step block losses', ' '.join(f'{first[f"loss_block{i}"]:.3f}' for i in range(trainer.num_stages)))
+    print('first step block losses', ' '.join(f'{first[f"loss_stage{i}"]:.3f}' for i in range(trainer.num_stages)))
 
     probe_train = ImageLoader(train, 256, augment, shuffle=True, seed=1)
     probe_val = ImageLoader(val, 256, augment, shuffle=True, seed=2)

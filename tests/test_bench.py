@@ -1,42 +1,92 @@
-"""The benchmark keeps working (``--quick``), its byte accounting is exact, and its memory measurement can tell a
-model that holds one stage's activations from one that holds them all."""
+"""The benchmark harness against independent references: byte counts against the ViT's parameter formula, timing
+against steps of known duration, memory peaks against allocations of known size, FLOPs against the closed form; and
+every benchmark script still imports and runs (``--quick`` and tiny sizes)."""
 import importlib.util
 import json
+import sys
+import time
 from pathlib import Path
 
+import harness
 import pytest
 import torch
-
-from harness import (BenchSetup, count_flops, create_bench_batch, create_step, measure_memory,
-                            memory_in_subprocess, state_bytes, time_methods)
+from harness import (BenchSetup, count_flops, create_bench_batch, create_step, measure_memory, memory_in_subprocess,
+                     state_bytes, time_methods)
 
 TINY = BenchSetup(embed_dim=32, num_heads=2, depth=2, img_size=16, batch_size=8)
 BENCHMARKS = Path(__file__).resolve().parent.parent / 'benchmarks'
 
 
-def test_state_bytes_are_exact_for_adamw():
+def _vit_parameters(s: BenchSetup) -> tuple[int, int, int]:
+    """Parameters of the bench ViT from its architecture: (stem, one block, fc_norm + head); MLP ratio 2."""
+    d, hidden, tokens = s.embed_dim, 2 * s.embed_dim, (s.img_size // s.patch_size) ** 2
+    stem = 3 * s.patch_size ** 2 * d + d + tokens * d  # patch projection (weight, bias), position embedding
+    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * hidden + hidden) + (hidden * d + d)
+    head = 2 * d + d * s.num_classes + s.num_classes  # fc_norm, head
+    return stem, block, head
+
+
+STEM_TENSORS, BLOCK_TENSORS, HEAD_TENSORS = 3, 12, 4  # weights and biases counted above, one tensor each
+
+
+def test_state_bytes_match_the_closed_form_for_adamw():
+    """BP trains every parameter: float32 parameters and gradients, and AdamW keeps exp_avg and exp_avg_sq of each
+    plus one float32 step counter per parameter tensor."""
+    stem, block, head = _vit_parameters(TINY)
+    n = stem + TINY.depth * block + head
+    tensors = STEM_TENSORS + TINY.depth * BLOCK_TENSORS + HEAD_TENSORS
     model, step, optimizers = create_step('bp', TINY)
     step(create_bench_batch(TINY, views=1))
-    params = list(model.parameters())
-    n = sum(p.numel() for p in params)
-    sizes = state_bytes(model, optimizers)
-    assert sizes['param_bytes'] == sizes['grad_bytes'] == 4 * n
-    assert sizes['optimizer_bytes'] == 2 * 4 * n + 4 * len(params)  # exp_avg, exp_avg_sq, a float32 step each
+    assert state_bytes(model, optimizers) == {'param_bytes': 4 * n, 'grad_bytes': 4 * n,
+                                              'optimizer_bytes': 2 * 4 * n + 4 * tensors}
 
 
-def test_cff_grads_cover_the_stages_only():
+def test_cff_state_covers_the_stages_only():
+    """CFF trains the stem and the blocks, one AdamW per stage; fc_norm and head get neither gradient nor state."""
+    stem, block, head = _vit_parameters(TINY)
+    encoder = stem + TINY.depth * block
+    tensors = STEM_TENSORS + TINY.depth * BLOCK_TENSORS
     model, step, optimizers = create_step('cff_2view', TINY)
     step(create_bench_batch(TINY))
-    head = sum(p.numel() for name, p in model.named_parameters() if name.startswith(('fc_norm', 'head')))
-    assert state_bytes(model, optimizers)['grad_bytes'] == 4 * (sum(p.numel() for p in model.parameters()) - head)
+    assert len(optimizers) == TINY.depth
+    assert state_bytes(model, optimizers) == {'param_bytes': 4 * (encoder + head), 'grad_bytes': 4 * encoder,
+                                              'optimizer_bytes': 2 * 4 * encoder + 4 * tensors}
 
 
-def test_time_methods_interleaves_and_reports_ratios():
-    out = time_methods(TINY, ['cff_2view', 'cff_1view', 'ff', 'bp'], warmup=1, repeats=2)
-    assert out['bp']['wall_ratio']['median'] == 1.0
-    for method in ('cff_2view', 'cff_1view', 'ff'):
-        assert len(out[method]['wall_s']) == 2 and out[method]['wall']['median'] > 0
-        assert out[method]['wall_ratio']['median'] > 0 and out[method]['cpu']['median'] > 0
+def _fake_methods(monkeypatch, steps: dict) -> list[str]:
+    """Register ``{name: fn()}`` as bench methods that run ``fn`` per step; returns the log of calls."""
+    calls = []
+
+    def builder(name, fn):
+        def build(model, setup):
+            return (lambda batch: calls.append(name) or fn()), []
+        return build
+    for name, fn in steps.items():
+        monkeypatch.setitem(harness.METHODS, name, (builder(name, fn), 1))
+    return calls
+
+
+def _spin(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_time_methods_against_steps_of_known_duration(monkeypatch):
+    """Sleeping steps of 100 and 200 ms take wall time but no CPU time, a 40 ms busy loop takes both; ratios are to
+    the reference, paired per repeat; the order rotates every repeat."""
+    calls = _fake_methods(monkeypatch, {'sleep100': lambda: time.sleep(0.1), 'sleep200': lambda: time.sleep(0.2),
+                                        'spin40': lambda: _spin(0.04)})
+    names = ['sleep100', 'sleep200', 'spin40']
+    out = time_methods(TINY, names, warmup=1, repeats=3, steps=2, reference='sleep100')
+    assert calls[:3] == names  # warm-up, then each repeat starts one method later, each method twice in a row
+    assert calls[3:] == [m for r in range(3) for m in names[r:] + names[:r] for _ in range(2)]
+    assert all(len(out[m]['wall_s']) == len(out[m]['cpu_s']) == 3 for m in names)
+    assert out['sleep100']['wall']['min'] >= 0.1 and out['sleep200']['wall']['min'] >= 0.2
+    assert 1.6 < out['sleep200']['wall_ratio']['median'] < 2.4  # 2, less what wake-up delays add to both
+    assert out['sleep200']['cpu']['max'] < 0.01 and out['sleep100']['cpu']['max'] < 0.01
+    assert 0.04 <= out['spin40']['cpu']['min'] < 0.06 and out['spin40']['wall']['min'] >= 0.04
+    assert out['spin40']['cpu_ratio']['median'] > 4  # 40 ms of CPU against the reference's microseconds
 
 
 def test_flop_counts_match_the_closed_form():
@@ -58,10 +108,28 @@ def test_flop_counts_match_the_closed_form():
     }
 
 
-def test_measure_memory_accounting_is_consistent():
-    r = measure_memory('cff_1view', TINY)
-    assert r['activation_bytes'] == r['total_bytes'] - r['param_bytes'] - r['grad_bytes'] - r['optimizer_bytes']
-    assert r['batch_bytes'] == 8 * 3 * 16 * 16 * 4 + 8 * 8  # one view and int64 labels
+MIB = 2 ** 20
+
+
+def _hold(*sizes_mib: int) -> None:
+    """Allocate (and touch) tensors of these sizes, all alive at once."""
+    held = [torch.ones(size * MIB // 4) for size in sizes_mib]
+    del held
+
+
+@pytest.mark.skipif(not Path('/proc/self/clear_refs').exists(), reason='CPU peaks are measured on Linux')
+def test_measure_memory_finds_the_peak_of_known_allocations(monkeypatch):
+    """A step that holds 2 x 64 MiB at once, one that holds 64 MiB, and one that holds 64 MiB twice in turn: the
+    activation peak is the most held at one time (plus the batch, counted as resident), not the sum, and each
+    measurement starts from a reset peak."""
+    _fake_methods(monkeypatch, {'once': lambda: _hold(64), 'in_turn': lambda: (_hold(64), _hold(64)),
+                                'together': lambda: _hold(64, 64)})
+    batch_bytes = 8 * 3 * 16 * 16 * 4 + 8 * 8  # one view and int64 labels
+    for method, expected in (('together', 128), ('once', 64), ('in_turn', 64)):  # the largest first: peaks reset
+        r = measure_memory(method, TINY)
+        assert r['batch_bytes'] == batch_bytes and r['grad_bytes'] == r['optimizer_bytes'] == 0
+        # the kernel updates a process's resident-set counters in batches of pages: allow 1 MiB below
+        assert (expected - 1) * MIB <= r['activation_bytes'] - batch_bytes < (expected + 8) * MIB, (method, r)
 
 
 @pytest.mark.slow
@@ -78,6 +146,12 @@ def _load_script(name):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
+
+
+@pytest.mark.parametrize('name', sorted(p.stem for p in BENCHMARKS.glob('*.py') if p.stem not in ('harness', 'cost')))
+def test_every_benchmark_script_imports(name):
+    """Each script's module-level imports resolve in this layout (the scripts run only under ``__main__``)."""
+    assert callable(_load_script(name).main)
 
 
 def test_benchmark_script_quick_mode(tmp_path):
@@ -106,3 +180,30 @@ def test_identical_views_benchmark_runs_and_both_paths_agree(tmp_path):
     result = json.loads((tmp_path / 'views.json').read_text())['results']['mlp']
     assert result['first_step_max_difference'] < 1e-5
     assert result['ms']['two_tensors'] > 0 and result['ms']['one_tensor'] > 0
+
+
+def test_redesign_speed_refuses_a_worker_that_imports_another_tree(tmp_path):
+    """A root without timm_cff: its worker imports an installed timm_cff (or none), and the run must not use it."""
+    script = _load_script('redesign_speed')
+    spec = dict(threads=1, batch_size=4, embed_dim=16, num_heads=2, depth=1, img_size=8, patch_size=4, mlp_ratio=2.0,
+                steps=1, warmup=0)
+    with pytest.raises(RuntimeError, match='another tree|failed'):
+        script.run_worker(sys.executable, tmp_path, spec)
+
+
+@pytest.mark.slow
+def test_redesign_speed_runs_both_checkouts(tmp_path):
+    """This checkout as both "old" and "new", on a tiny ViT: every step is timed and the workers import this tree."""
+    script = _load_script('redesign_speed')
+    root = BENCHMARKS.parent
+    result = script.main(['--old-root', str(root), '--old-python', sys.executable, '--rounds', '1', '--steps', '2',
+                          '--warmup', '0', '--batch-size', '4', '--embed-dim', '16', '--num-heads', '2', '--depth', '1',
+                          '--img-size', '8', '--out', str(tmp_path / 'speed')])
+    saved = json.loads((tmp_path / 'speed.json').read_text())
+    assert saved['rounds'] == result['rounds'] == 1
+    for name in ('old', 'new'):
+        (run,) = saved['runs'][name]
+        assert Path(run['timm_cff']).resolve().is_relative_to(root) and run['threads'] == 1
+        assert len(run['cff']['cpu_ms']) == len(run['bp']['wall_ms']) == 2
+        assert saved[name]['cpu_ms']['cff']['n'] == 2 and saved[name]['wall_ms']['cff_over_bp']['median'] > 0
+    assert '| old |' in (tmp_path / 'speed.md').read_text()

@@ -109,11 +109,22 @@ def test_list_and_tensor_inputs_agree_and_scale_invariance(cff_fixture):
     assert torch.allclose(loss([3 * f1, 3 * f2], labels), loss([f1, f2], labels))
 
 
-def test_supcontrast_convention(cff_fixture):
-    """SupContrast's SupConLoss(0.15) scales by τ/base_τ = 0.15/0.07; ours has no such factor."""
-    labels, f1, f2 = cff_fixture
-    ours = SupConLoss(0.15)([f1, f2], labels).item()
-    assert ours * 0.15 / 0.07 == pytest.approx(11.7362758, abs=1e-5)
+def two_class_features(p: float, c: float) -> torch.Tensor:
+    """Two samples x two views [2, 2, 4] whose cosines are p between a sample's views and c across samples."""
+    gram = torch.tensor([[1, p, c, c], [p, 1, c, c], [c, c, 1, p], [c, c, p, 1]], dtype=torch.float64)
+    z = torch.linalg.cholesky(gram)  # rows: unit vectors with exactly these cosines
+    return torch.stack([z[[0, 2]], z[[1, 3]]], 1)  # [sample, view, dim]
+
+
+@pytest.mark.parametrize('temperature', [0.07, 0.15, 1.0])
+@pytest.mark.parametrize('p,c,margin', [(1.0 - 1e-9, 0.0, 0.0), (0.6, -0.3, 0.0), (0.6, 0.2, 0.3), (0.8, 0.1, 0.4)])
+def test_closed_form_of_two_classes(temperature, p, c, margin):
+    """Every anchor has one positive (cosine p) and two negatives (cosine c): with q = min(p + m, 1),
+    L = log(1 + 2 exp((c - q) / τ)). No τ/base_τ factor (SupContrast's default scales by τ/0.07)."""
+    q = min(p + margin, 1.0)
+    expected = math.log1p(2 * math.exp((c - q) / temperature))
+    loss = MarginalSupConLoss(temperature, margin)(two_class_features(p, c), torch.tensor([0, 1]))
+    assert loss.item() == pytest.approx(expected, rel=1e-10, abs=1e-12)
 
 
 def test_labels_none_is_simclr(cff_fixture):
@@ -125,7 +136,8 @@ def test_labels_none_is_simclr(cff_fixture):
 def test_positive_and_clamped_counts(cff_fixture):
     labels, f1, f2 = cff_fixture
     sim, pos = pairwise_cosine([f1, f2], labels)
-    assert int(pos.sum()) == 256
+    counts = 2 * torch.bincount(labels)  # two views: ordered pairs within a class, self excluded
+    assert int(pos.sum()) == int((counts * (counts - 1)).sum()) == 256
     assert int(((sim + 0.1 > 1) & pos).sum()) == 32
     assert int(((sim + 0.4 > 1) & pos).sum()) == 48
 

@@ -27,6 +27,12 @@ def test_extras_run_from_m0_to_m_last_monotonically(fn):
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_extras_at_the_middle_stage():
+    """Closed forms at t = 1/2: cos(π/2) = 0 puts cosine at the mean; (r/2)^2 = (m0 - m_last)/4 for parabolic."""
+    assert cosine(3, 0.4, 0.1)[1] == pytest.approx(0.25, abs=1e-12)
+    assert parabolic(3, 0.4, 0.1)[1] == pytest.approx(0.3 / 4 + 0.1, abs=1e-12)
+
+
 def test_exponential_always_ends_at_one_tenth():
     assert exponential(5, 0.4, 0.3)[-1] == pytest.approx(0.1)
     assert exponential(3, 0.4)[1] == pytest.approx(0.2)  # geometric mean of 0.4 and 0.1

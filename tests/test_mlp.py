@@ -74,7 +74,7 @@ def test_local_trainer_does_cff_on_an_mlp_unchanged():
     trainer = LocalTrainer(model, margins=linear_margins(0.4, 0.1), lr=1e-3)
     for views, y in batches:
         out = trainer.step(views, y)
-    assert set(out) == {'loss', 'loss_block0', 'loss_block1', 'loss_block2'}
+    assert set(out) == {'loss', 'loss_stage0', 'loss_stage1', 'loss_stage2'}
     official_style_loop(reference, batches, 1e-3, [0.4, 0.25, 0.1])
     for (n, a), b in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(a, b, atol=1e-5), n

@@ -68,11 +68,11 @@ def test_pipeline_refuses_non_finite_loss_before_the_step_updates():
     pipeline.trainer.losses[1] = poisoned_second_batch
     before = {}
 
-    def remember(index, *args, _step=pipeline.trainer.stage_step, **kwargs):
+    def remember(index, *args, _step=pipeline.trainer.forward_backward_stage, **kwargs):
         if index == 0 and len(calls) == 1:  # step 2: group 0 runs batch 2 while group 1 runs the poisoned batch 1
             before.update({n: p.detach().clone() for n, p in model.named_parameters()})
         return _step(index, *args, **kwargs)
-    pipeline.trainer.stage_step = remember
+    pipeline.trainer.forward_backward_stage = remember
     with pytest.raises(NonFiniteLossError, match='stage 1, step 1'):
         pipeline.train_epoch(batches)
     for name, param in model.named_parameters():  # no group of the failing step updated

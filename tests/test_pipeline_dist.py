@@ -150,14 +150,14 @@ def _dying(rank, stage_counts, checkpoint_root, die_rank):
     worker.train_epoch(data)
     save_pipeline_checkpoint(worker, f'{checkpoint_root}/epoch{worker.epoch:04d}')
     if rank == die_rank:
-        stage_step, calls = worker.trainer.stage_step, []
+        run_stage, calls = worker.trainer.forward_backward_stage, []
 
-        def stage_step_then_die(*args, **kwargs):
+        def run_stage_then_die(*args, **kwargs):
             calls.append(1)
             if len(calls) > len(worker.group.stages):
                 os._exit(17)
-            return stage_step(*args, **kwargs)
-        worker.trainer.stage_step = stage_step_then_die
+            return run_stage(*args, **kwargs)
+        worker.trainer.forward_backward_stage = run_stage_then_die
     worker.train_epoch(data)
     return 'finished'
 

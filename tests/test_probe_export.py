@@ -42,10 +42,20 @@ def test_probe_trains_only_the_head_and_learns(vit):
     assert metrics['top1'] > 90 and metrics['top5'] == 100.0
 
 
-def test_probe_uses_first_view_of_multi_view_batches(vit):
-    batches = [((x, torch.zeros_like(x)), y) for x, y in separable_batches(n_batches=2)]
-    result = train_linear_probe(vit, batches, epochs=2, lr=1e-2)
+def test_probe_uses_first_view_of_multi_view_batches():
+    """A probe on (x, zeros) batches ends where a probe on x alone does, weight for weight."""
+    torch.manual_seed(0)
+    single, multi = make_vit(), make_vit()
+    multi.load_state_dict(single.state_dict())
+    batches = separable_batches(n_batches=2)
+    torch.manual_seed(1)
+    reference = train_linear_probe(single, batches, epochs=2, lr=1e-2)
+    torch.manual_seed(1)
+    result = train_linear_probe(multi, [((x, torch.zeros_like(x)), y) for x, y in batches], epochs=2, lr=1e-2)
     assert len(result.history) == 2 and result.best_val_loss is None
+    assert result.history == reference.history
+    for (name, a), b in zip(single.state_dict().items(), multi.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_export_reloads_identically_with_plain_timm(vit, tmp_path):
@@ -83,10 +93,10 @@ def test_export_loads_without_timm_cff(vit, tmp_path):
         assert torch.equal(torch.load(tmp_path / 'y.pt'), vit(x))
 
 
-def test_export_replaces_an_existing_folder_and_refuses_unbuildable_models(vit, tmp_path):
+def test_export_replaces_an_earlier_export_and_refuses_unbuildable_models(vit, tmp_path):
     target = tmp_path / 'export'
-    target.mkdir()
-    (target / 'stale.txt').write_text('old')
+    export_model(vit, target, data_config=dict(mean=(0.5,) * 3, std=(0.5,) * 3))
+    (target / 'stale.txt').write_text('old')  # left in an earlier export: the new one replaces the whole folder
     export_model(vit, target, data_config=dict(mean=(0.5,) * 3, std=(0.5,) * 3))
     assert not (target / 'stale.txt').exists() and (target / 'model.safetensors').exists()
     assert [p.name for p in tmp_path.iterdir()] == ['export']  # no temporary folder left behind

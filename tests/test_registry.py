@@ -22,7 +22,7 @@ def test_create_by_name_class_and_partial():
     assert isinstance(create_loss(SupConLoss), SupConLoss)
     part = create_loss(functools.partial(MarginalSupConLoss, margin=0.3))
     assert part.margin == 0.3
-    assert create_loss('MARGINAL_SUPCON').margin == 0.4  # names are case-insensitive
+    assert type(create_loss('MARGINAL_SUPCON')) is MarginalSupConLoss  # names are case-insensitive
 
 
 def test_unknown_name_lists_known_losses():

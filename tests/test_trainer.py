@@ -1,5 +1,6 @@
 """LocalTrainer against an independent re-implementation of the official loop, plus locality, resume, refusals."""
 import copy
+import csv
 import io
 
 import pytest
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from conftest import make_batch, make_vit
 from timm_cff import LocalTrainer, NonFiniteLossError, linear_margins
-from timm_cff.analysis import clamped_fraction_metric
+from timm_cff.analysis import clamped_fraction_metric, read_history
+from timm_cff.experiment.rundir import RunDir
 from timm_cff.loss import marginal_supcon_loss
 
 
@@ -50,11 +52,11 @@ def test_matches_official_loop():
     assert trainer.num_updates == 3
 
 
-def test_step_returns_total_and_per_block_losses(vit):
+def test_step_returns_total_and_per_stage_losses(vit):
     trainer = LocalTrainer(vit, lr=1e-3)
     out = trainer.step(*make_batch())
-    assert set(out) == {'loss', 'loss_block0', 'loss_block1', 'loss_block2'}
-    assert torch.allclose(out['loss'], out['loss_block0'] + out['loss_block1'] + out['loss_block2'])
+    assert set(out) == {'loss', 'loss_stage0', 'loss_stage1', 'loss_stage2'}
+    assert torch.allclose(out['loss'], out['loss_stage0'] + out['loss_stage1'] + out['loss_stage2'])
     assert not out['loss'].requires_grad
     assert trainer.margins == pytest.approx([0.4, 0.25, 0.1])  # margins=None: the paper's CFF+M schedule
 
@@ -131,7 +133,7 @@ def test_one_view_mode_uses_in_batch_positives_only(vit):
         h = trainer.stages.forward_stage(0, x1)
         expected = marginal_supcon_loss([trainer.stages.pool(h)], y, 0.15, 0.4)
     out = trainer.step((x1, x2), y)  # the second view is ignored
-    assert torch.allclose(out['loss_block0'], expected, atol=1e-6)
+    assert torch.allclose(out['loss_stage0'], expected, atol=1e-6)
 
 
 def _run(steps, seed=0, state=None):
@@ -178,7 +180,7 @@ def test_evaluate_matches_step_losses_before_update(vit):
     vit.eval()
     expected = trainer.evaluate([(views, y)])
     out = trainer.step(views, y)  # dropout-free model: train and eval forward agree
-    assert expected['loss_block2'] == pytest.approx(out['loss_block2'].item(), abs=1e-5)
+    assert expected['loss_stage2'] == pytest.approx(out['loss_stage2'].item(), abs=1e-5)
 
 
 def test_train_epoch_averages_over_samples(vit):
@@ -187,6 +189,7 @@ def test_train_epoch_averages_over_samples(vit):
     means = trainer.train_epoch(batches)
     per_batch = [trainer.evaluate([b])['loss'] for b in batches]
     assert means['loss'] == pytest.approx((8 * per_batch[0] + 4 * per_batch[1]) / 12, rel=1e-5)
+    assert means['loss'] == pytest.approx(sum(means[f'loss_stage{i}'] for i in range(3)), rel=1e-6)
     assert trainer.epoch == 1
 
 
@@ -239,18 +242,57 @@ def test_cross_entropy_sanity_of_fixture_helpers():
 
 
 def test_selection_key_and_predict(vit):
-    assert LocalTrainer(vit).selection_key == 'loss_block2'
+    assert LocalTrainer(vit).selection_key == 'loss_stage2'
     assert LocalTrainer(vit, select_on='sum').selection_key == 'loss'
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(LocalTrainer(vit).predict(x), vit.eval()(x))
 
 
-def test_stage_metrics_are_reported_per_block(vit):
+def test_stage_metrics_are_reported_per_stage(vit):
     def positives(features, labels, loss_fn):
         return torch.tensor(float(loss_fn.margin))
     trainer = LocalTrainer(vit, lr=1e-3, stage_metrics={'margin': positives})
     out = trainer.step(*make_batch())
-    assert [float(out[f'margin_block{i}']) for i in range(3)] == pytest.approx([0.4, 0.25, 0.1])
+    assert [float(out[f'margin_stage{i}']) for i in range(3)] == pytest.approx([0.4, 0.25, 0.1])
     assert 'margin' not in out
-    assert trainer.evaluate([make_batch()])['margin_block1'] == pytest.approx(0.25)
+    assert trainer.evaluate([make_batch()])['margin_stage1'] == pytest.approx(0.25)
+
+
+def test_checkpoint_keeps_the_keys_old_run_folders_have(vit):
+    """A run folder's last.pt from before the per-stage optimizers moved into one object still loads: same keys."""
+    trainer = LocalTrainer(vit, lr=1e-3, scheduler=dict(sched='cosine', num_epochs=2))
+    trainer.step(*make_batch())
+    state = trainer.state_dict()
+    assert set(state) == {'model', 'optimizers', 'schedulers', 'num_updates', 'epoch'}
+    assert [type(s) for s in (state['optimizers'], state['schedulers'])] == [list, list]
+    assert len(state['optimizers']) == len(state['schedulers']) == 3 and state['num_updates'] == 1
+    legacy = {'model': vit.state_dict(), 'optimizers': [opt.state_dict() for opt in trainer.optimizers],
+              'schedulers': [sched.state_dict() for sched in trainer.schedulers], 'num_updates': 1, 'epoch': 0}
+    resumed = LocalTrainer(make_vit(), lr=1e-3, scheduler=dict(sched='cosine', num_epochs=2))
+    resumed.load_state_dict(legacy)
+    assert resumed.num_updates == 1 and resumed.optimizers[2].state_dict()['state'].keys() == \
+        trainer.optimizers[2].state_dict()['state'].keys()
+
+
+def test_an_old_run_folders_metrics_are_read_and_resumed_under_stage_names(tmp_path, vit):
+    """metrics.csv written with ``*_block{i}`` columns: read under the new names, and the resume's truncation
+    rewrites the header, so the rows the trainer appends afterwards land in their columns."""
+    trainer = LocalTrainer(vit, lr=1e-3, stage_metrics={'clamped': clamped_fraction_metric})
+    new = {f'val_{k}': v for k, v in trainer.evaluate([make_batch()]).items()}
+    names = ['epoch', 'time_s', 'lr', *new]
+    old_names = [n.replace('_stage', '_block') for n in names]
+    assert 'val_loss_block2' in old_names and 'val_clamped_block0' in old_names and 'val_loss' in old_names
+    old_rows = [[epoch, 1.0, 4e-3, *(10 * epoch + c for c in range(len(new)))] for epoch in (1, 2, 3)]
+    (tmp_path / 'metrics.csv').write_text('\n'.join(','.join(map(str, r)) for r in [old_names, *old_rows]) + '\n')
+    run = RunDir(tmp_path)
+    run.truncate_rows('metrics.csv', 2)  # the resume point: epoch 3 is dropped
+    run.append_row('metrics.csv', {'epoch': 3, 'time_s': 2.0, 'lr': 4e-3, **new})
+    with (tmp_path / 'metrics.csv').open(newline='') as f:
+        assert next(csv.reader(f)) == names
+    history = read_history(tmp_path / 'metrics.csv')
+    assert list(history) == names and history['epoch'] == [1, 2, 3]
+    for c, name in enumerate(new):
+        assert history[name] == pytest.approx([10 + c, 20 + c, new[name]]), name
+    assert history['val_loss_block2'] == history['val_loss_stage2'] and 'val_clamped_block1' in history
+    assert history.get('val_loss_block9') is None and 'val_loss_block9' not in history

@@ -7,14 +7,16 @@ architecture name, the constructor arguments (``model_args``) and the data confi
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ['export_model', 'load_encoder', 'METADATA_FILE']
+from .files import follow_umask, temporary_folder
+from .version import __version__
+
+__all__ = ['export_model', 'load_encoder', 'check_replaceable', 'METADATA_FILE']
 
 _logger = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ def export_model(
 
     Args:
         model: a model built by ``timm.create_model``, unmodified by training (timm-cff never adds modules).
-        directory: the output folder; an existing export there is replaced only once the new one is complete.
+        directory: the output folder: missing, empty or an earlier export (replaced once the new one is complete);
+            anything else is refused with ``FileExistsError``.
         data_config: ``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation`` used by the data pipeline.
         model_args: constructor arguments overriding those timm recorded (``model._model_args``).
         description: stored as ``pretrained_cfg.description``.
@@ -66,24 +69,41 @@ def export_model(
 
     arch = _architecture(model)
     directory = Path(directory)
+    check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     model_config = {'pretrained_cfg': {'tag': 'timm_cff', 'description': description, 'license': 'apache-2.0'}}
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{directory.name}.', dir=directory.parent))
+    tmp = temporary_folder(directory)
     try:
         try:
             save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,
                         data_config=_data_config(model, data_config))
         except ValueError as e:  # e.g. a custom embed layer: config.json cannot describe it
             raise ValueError(f'{arch} cannot be exported as a plain timm model: {e}') from e
-        if metadata is not None:
-            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str))
-        if directory.exists():
+        # the marker that makes this folder recognisably an export (so a later export may replace it)
+        (tmp / METADATA_FILE).write_text(json.dumps({'timm_cff': __version__, **(metadata or {})}, indent=2,
+                                                    default=str))
+        for path in tmp.iterdir():  # safetensors writes its file 0600
+            follow_umask(path)
+        if directory.exists():  # an earlier export (checked above) or an empty folder
             shutil.rmtree(directory)
         tmp.rename(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _logger.info('Exported %s to %s', arch, directory)
     return directory
+
+
+def check_replaceable(directory: Path) -> None:
+    """Refuse an output folder that holds anything but an earlier export (marked by ``timm_cff.json``): timm-cff
+    never deletes what it did not write, a run folder least of all."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f'{directory} is a file; give a folder path for the export.')
+    if any(directory.iterdir()) and not (directory / METADATA_FILE).is_file():
+        what = 'a run folder' if (directory / 'config.yaml').is_file() else 'files timm-cff did not write'
+        raise FileExistsError(f'{directory} holds {what}; an export replaces only an earlier export. Give a new or '
+                              'empty folder.')
 
 
 def load_encoder(directory: str | Path, **kwargs: Any) -> nn.Module:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 __all__ = ['Runner', 'Callback', 'EpochResult', 'MeanMeter', 'fit', 'new_fit_state', 'out_of_patience']
@@ -56,21 +57,41 @@ class Callback:
 
 
 class MeanMeter:
-    """Per-sample means of batch statistics: ``add(stats [..], n)`` per batch, ``mean()`` at the end (tensors stay
-    on their device until then)."""
+    """Per-sample means of batch statistics: ``add(stats, n)`` per batch of ``n`` samples, ``mean()`` at the end.
+
+    ``stats`` is a tensor (one shape for every batch) or a dict of 0-d tensors (the same keys every batch, kept as
+    one stacked tensor); ``sum()`` and ``mean()`` return the same kind. Sums stay on the statistics' device, so
+    adding never syncs with the host.
+    """
 
     def __init__(self):
-        self.total: Tensor | None = None
+        self.total: Tensor | None = None  # the n-weighted sum of the statistics
         self.count = 0
+        self.keys: list[str] | None = None  # the names, when the statistics come as a dict
 
-    def add(self, stats: Tensor, n: int) -> None:
+    def add(self, stats: Tensor | dict[str, Tensor], n: int) -> None:
+        if isinstance(stats, dict):
+            if self.keys is None:
+                self.keys = list(stats)
+            elif list(stats) != self.keys:
+                raise ValueError(f'Every batch must report the same statistics: {self.keys}, got {list(stats)}.')
+            stats = torch.stack([stats[k] for k in self.keys])
         self.total = stats * n if self.total is None else self.total + stats * n
         self.count += n
 
-    def mean(self) -> Tensor:
+    def sum(self) -> Tensor | dict[str, Tensor]:
+        """The n-weighted sums so far."""
+        if self.total is None:
+            raise ValueError('The loader yielded no batches.')
+        return self._as_given(self.total)
+
+    def mean(self) -> Tensor | dict[str, Tensor]:
         if self.total is None or self.count == 0:
             raise ValueError('The loader yielded no batches.')
-        return self.total / self.count
+        return self._as_given(self.total / self.count)
+
+    def _as_given(self, values: Tensor) -> Tensor | dict[str, Tensor]:
+        return values if self.keys is None else dict(zip(self.keys, values.unbind()))
 
 
 def new_fit_state() -> dict[str, Any]:

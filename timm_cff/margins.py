@@ -8,11 +8,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .registry import Registry
+
 #: The CFF+M margins of the paper: 0.4 at the first stage, 0.1 at the last.
 PAPER_M0, PAPER_M_LAST = 0.4, 0.1
 
 __all__ = ['PAPER_M0', 'PAPER_M_LAST', 'PAPER_MARGINS', 'linear', 'parabolic', 'cosine', 'exponential', 'MarginSchedule', 'linear_margins', 'create_margins',
-           'list_margin_schedules', 'resolve_margins']
+           'list_margin_schedules', 'register_margin_schedule', 'resolve_margins']
 
 
 def _positions(num_stages: int) -> list[float]:
@@ -44,12 +46,22 @@ def exponential(num_stages: int, m0: float = PAPER_M0, m_last: float = PAPER_M_L
     return [m0 * (0.1 / m0) ** (t ** k) for t in _positions(num_stages)]
 
 
-_SCHEDULES: dict[str, Callable[..., list[float]]] = {
-    'linear': linear, 'parabolic': parabolic, 'cosine': cosine, 'exponential': exponential}
+_SCHEDULES: Registry[Callable[..., list[float]]] = Registry('margin schedule')
 
 
-def list_margin_schedules() -> list[str]:
-    return sorted(_SCHEDULES)
+def register_margin_schedule(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: a schedule ``fn(num_stages, m0, m_last, k) -> list[float]`` usable as ``train.margin_schedule``."""
+    def _register(fn: Callable[..., list[float]]) -> Callable[..., list[float]]:
+        return _SCHEDULES.register(name, fn)
+    return _register
+
+
+for _fn in (linear, parabolic, cosine, exponential):
+    register_margin_schedule(_fn.__name__)(_fn)
+
+
+def list_margin_schedules(filter: str = '') -> list[str]:
+    return _SCHEDULES.names(filter)
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,7 @@ class MarginSchedule:
     k: float = 1.0
 
     def __post_init__(self):
-        if self.name not in _SCHEDULES:
-            raise ValueError(f'Unknown margin schedule {self.name!r}. Known: {", ".join(list_margin_schedules())}.')
+        _SCHEDULES.get(self.name)  # refuses an unknown name, naming the known ones
 
     def __call__(self, num_stages: int) -> list[float]:
         return create_margins(self.name, num_stages, self.m0, self.m_last, self.k)
@@ -75,11 +86,9 @@ def linear_margins(m0: float = PAPER_M0, m_last: float = PAPER_M_LAST) -> Margin
 
 def create_margins(name: str, num_stages: int, m0: float = PAPER_M0, m_last: float = PAPER_M_LAST, k: float = 1.0) -> list[float]:
     """Margins of schedule ``name`` for ``num_stages`` stages. ``m0 = 0`` gives all zeros (plain CFF)."""
-    if name not in _SCHEDULES:
-        raise ValueError(f'Unknown margin schedule {name!r}. Known: {", ".join(list_margin_schedules())}.')
+    fn = _SCHEDULES.get(name)
     if m0 == 0:  # the official code's convention: no first margin means plain CFF everywhere
         return [0.0] * num_stages
-    fn = _SCHEDULES[name]
     return fn(num_stages, m0, m_last) if name == 'linear' else fn(num_stages, m0, m_last, k)
 
 

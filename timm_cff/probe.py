@@ -3,6 +3,7 @@
 This is the official CFF probe (LayerNorm(E) then Linear(E, C) on the token mean of the last block): with
 ``global_pool='avg'`` timm applies exactly these two modules after pooling, and stage 1 never trains them.
 Defaults follow the official code: AdamW, lr 5e-4, wd 0.01, constant LR, 50 epochs, best validation cross-entropy.
+The epochs run through ``timm_cff.loop.fit``, the loop of stage 1, with the probe as its runner.
 """
 import copy
 import logging
@@ -13,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .metrics import accuracy, first_view
 from .families import HEAD_MODULES
+from .loop import Callback, EpochResult, fit
+from .methods.base import NonFiniteLossError
+from .metrics import accuracy, first_view
 
 __all__ = ['train_linear_probe', 'ProbeResult']
 
@@ -74,10 +77,12 @@ def _run_epoch(model: nn.Module, head: nn.Module, batches: Iterable[tuple[Tensor
     """One pass over encoded batches; trains the head when an optimizer is given."""
     loss_sum, top1_sum, count = 0.0, 0.0, 0
     head.train(optimizer is not None)
-    for features, y in batches:
+    for step, (features, y) in enumerate(batches):
         with torch.set_grad_enabled(optimizer is not None):
             logits = model.forward_head(features)  # pool -> fc_norm -> head, [B, C]
             loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):  # refused before the head changes (one host sync per step)
+            raise NonFiniteLossError('probe', step, float(loss))
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -116,31 +121,63 @@ def train_linear_probe(
 
     Returns:
         ``ProbeResult``; the model's head holds the weights of the best epoch (the last without ``val_loader``).
+
+    Raises:
+        NonFiniteLossError: a NaN/inf loss, before the head is updated with it.
     """
+    if epochs < 1:
+        raise ValueError(f'train_linear_probe needs epochs >= 1, got {epochs}.')
     head = _head_modules(model, head_modules)
     if reinit:
         _reset(head)
     was_training = model.training
     model.eval()  # frozen encoder: no dropout / drop-path
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    if cache_features:
-        train_batches = _FeatureCache(model, train_loader)
-        val_batches = _FeatureCache(model, val_loader) if val_loader is not None else None
-    best_state, best_loss, best_epoch, history = None, None, epochs, []
-    for epoch in range(1, epochs + 1):
-        if not cache_features:
-            train_batches = _encoded(model, train_loader)
-            val_batches = _encoded(model, val_loader) if val_loader is not None else None
-        metrics = {f'train_{k}': v for k, v in _run_epoch(model, head, train_batches, optimizer).items()}
-        if val_batches is not None:
-            metrics.update({f'val_{k}': v for k, v in _run_epoch(model, head, val_batches).items()})
-            if best_loss is None or metrics['val_loss'] < best_loss:
-                best_loss, best_epoch, best_state = metrics['val_loss'], epoch, copy.deepcopy(head.state_dict())
-        history.append({'epoch': epoch, **metrics})
-        _logger.debug('probe epoch %d: %s', epoch, metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-    if best_state is not None:
-        head.load_state_dict(best_state)
+    probe = _Probe(model, head, torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay),
+                   cache_features)
+    record = _Record(head, on_epoch)
+    state = fit(probe, train_loader, val_loader, epochs, validate=val_loader is not None, callbacks=[record])
+    if record.best_state is not None:
+        head.load_state_dict(record.best_state)
     model.train(was_training)
-    return ProbeResult(best_epoch, best_loss, history)
+    return ProbeResult(state['best_epoch'] or epochs, state['best_loss'], record.history)
+
+
+class _Probe:
+    """The probe as a ``loop.Runner``: epochs of cross-entropy on the frozen encoder's features."""
+    selection_key = 'loss'
+
+    def __init__(self, model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, cache: bool):
+        self.model, self.head, self.optimizer, self.cache = model, head, optimizer, cache
+        self._caches: dict[int, _FeatureCache] = {}
+
+    def train_epoch(self, loader: Iterable, on_step=None) -> dict[str, float]:
+        return _run_epoch(self.model, self.head, self._batches(loader), self.optimizer)
+
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        return _run_epoch(self.model, self.head, self._batches(loader))
+
+    def _batches(self, loader: Iterable) -> Iterable[tuple[Tensor, Tensor]]:
+        if not self.cache:
+            return _encoded(self.model, loader)
+        if id(loader) not in self._caches:  # encoded once, on first use
+            self._caches[id(loader)] = _FeatureCache(self.model, loader)
+        return self._caches[id(loader)]
+
+
+class _Record(Callback):
+    """Keeps the head of the best validation epoch and the per-epoch history; forwards epochs to ``on_epoch``."""
+
+    def __init__(self, head: nn.Module, on_epoch: Callable[[int, dict[str, float]], None] | None):
+        self.head, self.on_epoch = head, on_epoch
+        self.best_state: dict[str, Tensor] | None = None
+        self.history: list[dict[str, float]] = []
+
+    def on_epoch_end(self, result: EpochResult) -> None:
+        metrics = {**{f'train_{k}': v for k, v in result.train.items()},
+                   **{f'val_{k}': v for k, v in result.val.items()}}
+        if result.improved:
+            self.best_state = copy.deepcopy(self.head.state_dict())
+        self.history.append({'epoch': result.epoch, **metrics})
+        _logger.debug('probe epoch %d: %s', result.epoch, metrics)
+        if self.on_epoch is not None:
+            self.on_epoch(result.epoch, metrics)

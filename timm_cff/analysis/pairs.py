@@ -48,8 +48,8 @@ def clamped_fraction(features: Tensor, labels: Tensor, margin: float) -> Tensor:
 def clamped_fraction_metric(features: Tensor, labels: Tensor, loss_fn: nn.Module) -> Tensor:
     """A ``LocalTrainer`` stage metric: the clamped fraction at the stage loss's margin (0 for plain SupCon).
 
-    ``LocalTrainer(model, stage_metrics={'clamped': clamped_fraction_metric})`` reports ``clamped_block{i}`` from
-    ``step()`` and ``evaluate()`` (columns ``train_clamped_block{i}`` / ``val_clamped_block{i}`` of a run's
+    ``LocalTrainer(model, stage_metrics={'clamped': clamped_fraction_metric})`` reports ``clamped_stage{i}`` from
+    ``step()`` and ``evaluate()`` (columns ``train_clamped_stage{i}`` / ``val_clamped_stage{i}`` of a run's
     ``metrics.csv``). It runs on the detached ``[B, V, D]`` features without a host sync.
     """
     return clamped_fraction(features, labels, float(getattr(loss_fn, 'margin', 0.0)))

@@ -172,7 +172,7 @@ def plot_training_curves(history: dict[str, list[float]], path: str | Path) -> P
 
 
 def plot_clamped_curves(history: dict[str, list[float]], path: str | Path) -> Path | None:
-    """Fraction of positives in R(k) per block over epochs; None if the run did not log ``*_clamped_block{i}``."""
+    """Fraction of positives in R(k) per block over epochs; None if the run did not log ``*_clamped_stage{i}``."""
     if not block_series(history, 'train_clamped') and not block_series(history, 'val_clamped'):
         return None
     fig, axes = _figure(1, 2)

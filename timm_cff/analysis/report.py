@@ -144,6 +144,23 @@ def _missing_lines(missing: list[str]) -> list[str]:
             f'`{PLOT_INSTALL_HINT}` and run the analysis again.', '']
 
 
+_REPORT_FILES = ('report.md', 'metrics.json', 'depth.png', 'tsne.png', 'training_curves.png', 'clamped_curves.png')
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """The report overwrites its own file names only in an earlier report's folder (its ``metrics.json`` says so);
+    any other file of those names is a user's and is refused (other files in the folder are never touched)."""
+    taken = [name for name in _REPORT_FILES if (out_dir / name).exists()]
+    if not taken:
+        return
+    try:
+        earlier = 'figures' in json.loads((out_dir / 'metrics.json').read_text())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if not earlier:
+        raise FileExistsError(f'{out_dir} holds {", ".join(taken)} that no earlier report wrote; give another --out.')
+
+
 def write_report(out_dir: str | Path, metrics: dict, *, history: dict[str, list[float]] | None = None,
                  tsne: tuple | None = None, class_names: Sequence[str] | None = None,
                  title: str = 'Layer-wise analysis') -> list[Path]:
@@ -159,6 +176,7 @@ def write_report(out_dir: str | Path, metrics: dict, *, history: dict[str, list[
         The files written.
     """
     out_dir = Path(out_dir)
+    _check_replaceable(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     missing = missing_plot_packages()
     figures = [] if missing else _draw_figures(out_dir, metrics, history, tsne, class_names, title)
@@ -205,6 +223,8 @@ def analyze(
     Returns:
         ``layerwise_metrics(...)``, plus ``'files'`` (paths written) when ``out_dir`` is given.
     """
+    if out_dir is not None:
+        _check_replaceable(Path(out_dir))  # before the work, not after it
     start = time.perf_counter()
     features, labels = extract_block_features(model, loader, max_samples, stages)
     metrics = layerwise_metrics(features, labels, margins, pair_samples=pair_samples, seed=seed)

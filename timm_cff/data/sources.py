@@ -65,19 +65,33 @@ def resolve_root(root: str | None, dataset: str) -> Path:
     return path
 
 
-def _from_nhwc(x: np.ndarray) -> Tensor:
+def _from_nhwc(x: np.ndarray, source: str = 'the images') -> Tensor:
     x = np.asarray(x)
     if x.dtype != np.uint8:
-        raise DataError(f'Images must be uint8, got {x.dtype}.')
+        raise DataError(f'{source}: images must be uint8 [N, H, W, C], got {x.dtype}; convert them with '
+                        '(x * 255).round().astype(np.uint8) if they are floats in [0, 1].')
     if x.ndim == 3:  # [N, H, W] grey
         x = x[..., None]
+    if x.ndim != 4 or len(x) == 0:
+        raise DataError(f'{source}: images must be a non-empty uint8 [N, H, W, C] array, got shape {x.shape}.')
+    if x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+        raise DataError(f'{source}: shape {x.shape} looks like [N, C, H, W]; store [N, H, W, C] '
+                        '(x.transpose(0, 2, 3, 1)).')
     return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
 
 
 def _classes(num_classes: int, names_file: Path | None = None) -> list[str]:
-    if names_file is not None and names_file.is_file():
-        return names_file.read_text().split()
-    return [str(c) for c in range(num_classes)]
+    """Class names: one per line of ``names_file`` (names may hold spaces), else ``'0'..'C-1'``. The count comes from
+    the labels; a names file that disagrees is refused."""
+    if names_file is None or not names_file.is_file():
+        return [str(c) for c in range(num_classes)]
+    names = names_file.read_text().rstrip('\n').split('\n')
+    if any(not name.strip() for name in names):
+        raise DataError(f'{names_file} has an empty line; it must hold one class name per line.')
+    if len(names) != num_classes:
+        raise DataError(f'{names_file} names {len(names)} classes but the labels have {num_classes} (0..'
+                        f'{num_classes - 1}); give one name per line, in label order.')
+    return [name.strip() for name in names]
 
 
 def _load_npz_file(path: Path) -> tuple[Tensor, Tensor]:
@@ -87,7 +101,10 @@ def _load_npz_file(path: Path) -> tuple[Tensor, Tensor]:
     with np.load(path) as f:
         if 'x' not in f or 'y' not in f:
             raise DataError(f'{path} must hold arrays x and y, found {sorted(f.files)}.')
-        x, y = _from_nhwc(f['x']), torch.from_numpy(f['y'].astype(np.int64))
+        labels = f['y']
+        if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+            raise DataError(f'{path}: labels y must be a 1-d integer array, got {labels.dtype} {labels.shape}.')
+        x, y = _from_nhwc(f['x'], str(path)), torch.from_numpy(labels.astype(np.int64))
     if len(x) != len(y):
         raise DataError(f'{path}: {len(x)} images but {len(y)} labels.')
     return x, y
@@ -133,7 +150,13 @@ def _decode_folder(folder: Path, classes: list[str] | None = None) -> ArrayDatas
     tree = ImageFolder(str(folder), loader=lambda p: p)
     if classes is not None and tree.classes != classes:
         raise DataError(f'{folder} has classes {tree.classes[:5]}..., the training split has {classes[:5]}...')
-    images = [decode_image(path, mode=ImageReadMode.RGB) for path, _ in tree.samples]
+    images = []
+    for path, _ in tree.samples:
+        try:
+            images.append(decode_image(path, mode=ImageReadMode.RGB))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise DataError(f'{path} is not a readable image ({str(e).splitlines()[0][:120]}); repair or remove '
+                            'it.') from None
     sizes = {tuple(im.shape) for im in images}
     if len(sizes) != 1:
         raise DataError(f'Images in {folder} have several sizes {sorted(sizes)[:3]}; resize them to one size first.')

@@ -17,7 +17,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from ..analysis import clamped_fraction_metric
-from ..families import create_mlp, init_official_
+from ..families import create_mlp, get_family, init_official_
 from ..loss import takes_margin
 from ..margins import MarginSchedule
 from ..methods import create_trainer, get_method_info, list_methods
@@ -35,6 +35,20 @@ _logger = logging.getLogger(__name__)
 def _relu_patch_embed() -> functools.partial:
     """timm's PatchEmbed with a ReLU after the projection (the official ViT), via its ``norm_layer`` slot."""
     return functools.partial(PatchEmbed, norm_layer=lambda dim, **_: nn.ReLU())
+
+
+def _check_trainable(name: str) -> None:
+    """Refuse an architecture no model family covers, before its arguments can fail in confusing ways."""
+    try:
+        with torch.device('meta'):  # the class only: no memory, no initialisation
+            model_class = type(timm.create_model(name))
+    except Exception:  # noqa: BLE001  (a model that cannot be built on 'meta' is checked when really built)
+        return
+    try:
+        get_family(model_class)
+    except TypeError:
+        raise ConfigError(f'timm-cff trains VisionTransformer and MLP models; {name} is a '
+                          f'{model_class.__name__}.') from None
 
 
 def create_model(cfg: ModelConfig, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
@@ -55,6 +69,10 @@ def create_model(cfg: ModelConfig, num_classes: int, input_size: tuple[int, int,
     if cfg.patch_act == 'relu':
         kwargs['embed_layer'] = _relu_patch_embed()
     kwargs.update(cfg.kwargs)
+    if not timm.is_model(cfg.name):
+        raise ConfigError(f'model.name={cfg.name!r} is no timm model; pick a VisionTransformer from '
+                          'timm.list_models("vit_*"), or mlp.')
+    _check_trainable(cfg.name)
     try:
         model = timm.create_model(cfg.name, **kwargs)
     except (RuntimeError, TypeError) as e:
@@ -119,8 +137,9 @@ def build_trainer(cfg: Config, model: nn.Module):
                       margins=MarginSchedule(t.margin_schedule, t.m0, t.m_last) if takes_margin(t.loss) else None,
                       select_on=t.select_on, autocast_dtype=t.autocast, compile_stages=t.compile,
                       stage_metrics={'clamped': clamped_fraction_metric} if t.log_clamped else None)
-    elif get_method_info(t.method).label_conditioned:
-        kwargs.update(loss_kwargs={'alpha': t.alpha} if t.method == 'symba' else {'threshold': t.threshold},
+    elif get_method_info(t.method).label_conditioned:  # the loss parameter each FF-family method declares
+        keys = get_method_info(t.method).config_keys
+        kwargs.update(loss_kwargs={k: getattr(t, k) for k in ('alpha', 'threshold') if k in keys},
                       score_first_stage=t.score_first_stage, seed=cfg.run.seed)
     return create_trainer(t.method, model, **kwargs)
 

@@ -24,17 +24,18 @@ from .compare import format_comparison, summarize_run, write_comparison
 from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
 from ..data import DataError
 from .commands import analyze_path, evaluate_export, evaluate_run, export_run, probe_run, train_run
-from .rundir import CheckpointError, RunDir
+from .rundir import CheckpointError, RunDir, RunInUseError
 from ..methods import NonFiniteLossError
 
 __all__ = ['main']
 
 _logger = logging.getLogger('timm_cff.cli')
-_EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError, TypeError)
+_EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, RunInUseError, FileNotFoundError, FileExistsError,
+                    ValueError, TypeError)
 
 
 class TqdmProgress(Progress):
-    """tqdm bars with the per-block losses of the latest step."""
+    """tqdm bars with the per-stage losses of the latest step (``s0``, ``s1``, ...)."""
 
     def __init__(self, refresh_every: int = 10):
         self.refresh_every, self._count = refresh_every, 0
@@ -48,8 +49,8 @@ class TqdmProgress(Progress):
         if advance:
             bar.update(1)
         if advance or self._count % self.refresh_every == 0:  # reading a tensor syncs the device: not every step
-            shown = {k.replace('loss_block', 'b'): f'{float(v):.3f}' for k, v in values.items()
-                     if k.startswith('loss_block') or k in ('loss', 'val_loss', 'val_top1')}
+            shown = {k.replace('loss_stage', 's'): f'{float(v):.3f}' for k, v in values.items()
+                     if k.startswith('loss_stage') or k in ('loss', 'val_loss', 'val_top1')}
             bar.set_postfix(shown, refresh=False)
 
     def close(self, bar):
@@ -187,6 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     except _EXPECTED_ERRORS as e:
         print(f'timm-cff: error: {e}', file=sys.stderr)
         return 1
+    except OSError as e:  # disk full, permissions, a vanished file: the checkpoints written so far stay valid
+        print(f'timm-cff: error: {e.strerror or e}{f": {e.filename}" if e.filename else ""}. Fix it and continue '
+              'with --resume RUN.', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print('timm-cff: interrupted; the last checkpoint is kept: continue with --resume RUN.', file=sys.stderr)
+        return 130
     if result:  # empty on the pipeline ranks other than 0
         _print_result(result)
     return 0

@@ -6,6 +6,7 @@
 
 The CLI (``experiment.cli``) is a thin layer over these functions.
 """
+import contextlib
 import json
 import logging
 import time
@@ -19,14 +20,15 @@ from torch import nn
 from ..analysis import analyze
 from ..data import BatchAugment, ImageLoader
 from ..export import METADATA_FILE, export_model, load_encoder
+from ..methods import NonFiniteLossError
 from ..metrics import evaluate_accuracy, first_view
 from ..timing import time_inference
 from .build import RunSetup, check_train_keys, data_config, resolve_device
-from .config import Config, ConfigError, apply_overrides
+from .config import Config, apply_overrides, check_values
 from .data import PreparedData, create_loaders, prepare_data
 from .fit import fit_stage1
 from .progress import Progress
-from .rundir import DATASET_FILE, RunDir
+from .rundir import DATASET_FILE, NONFINITE_FILE, RunDir
 from .stage2 import fit_stage2, test_accuracy
 
 __all__ = ['train_run', 'probe_run', 'evaluate_run', 'evaluate_export', 'export_run', 'analyze_path']
@@ -58,12 +60,37 @@ def _dataset_record(data: PreparedData) -> dict[str, Any]:
             'num_images': {k: len(getattr(data, k)) for k in ('train', 'val', 'test')}}
 
 
-def _open_run(cfg: Config, run_path: str | Path, resume: bool) -> RunDir:
+@contextlib.contextmanager
+def _record_nonfinite(run: RunDir, rank: int, where: str):
+    """Record a NaN/inf stop in the run folder (``nonfinite.json``), so that a resume may change the learning rate."""
+    try:
+        yield
+    except NonFiniteLossError as e:
+        if rank == 0:
+            record = run.read_json(NONFINITE_FILE) if run.stopped_nonfinite else {}
+            record['stops'] = [*record.get('stops', []), {'in': where, 'stage': e.stage, 'step': e.step,
+                                                           'value': str(e.value)}]
+            run.write_json(NONFINITE_FILE, record)
+        raise
+
+
+def _check_run_path(cfg: Config, run_path: str | Path, resume: bool) -> None:
+    """Before anything is built: a resumed run must match its saved config, a new one needs a new folder."""
     if resume:
-        run = RunDir(run_path)
-        run.check_resumable(cfg)
-        return run
-    return RunDir.create(run_path, cfg)
+        RunDir(run_path).check_resumable(cfg)
+        RunDir(run_path).check_unlocked()
+    else:
+        RunDir.check_new(run_path)
+
+
+def _open_run(cfg: Config, run_path: str | Path, resume: bool) -> RunDir:
+    """The run folder, taken by this process; a new one is created only now that config and data are valid."""
+    if not resume:
+        return RunDir.create(run_path, cfg)
+    run = RunDir(run_path)
+    run.lock()
+    run.save_resumed_config(cfg)
+    return run
 
 
 def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress: Progress | None = None,
@@ -74,29 +101,44 @@ def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress:
     (the other ranks return an empty dict).
     """
     progress = progress or Progress()
-    if cfg.train.patience is not None and cfg.train.patience < 1:
-        raise ConfigError(f'train.patience must be a positive number of epochs or null, got {cfg.train.patience}.')
+    check_values(cfg)
     check_train_keys(cfg, explicit_keys)
     wall = time.perf_counter()
     distributed = cfg.pipeline.stages > 1
-    run = None if distributed else _open_run(cfg, run_path, resume)
+    if not distributed:
+        _check_run_path(cfg, run_path, resume)
     setup = RunSetup(cfg, distributed)
+    run = None if distributed else _open_run(cfg, run_path, resume)
+    try:
+        return _train(cfg, run, run_path, resume, setup, progress, wall)
+    finally:
+        if run is not None:
+            run.unlock()
+
+
+def _train(cfg: Config, run: RunDir | None, run_path: str | Path, resume: bool, setup: RunSetup,
+           progress: Progress, wall: float) -> dict[str, Any]:
+    distributed = cfg.pipeline.stages > 1
     if distributed:  # rank 0 names and creates the folder, the others follow
         box = [str(run_path)]
         torch.distributed.broadcast_object_list(box, src=0)
+        if setup.rank == 0:
+            _check_run_path(cfg, box[0], resume)
         run = _open_run(cfg, box[0], resume) if setup.rank == 0 else RunDir(box[0])
         torch.distributed.barrier()
         progress = progress if setup.rank == 0 else Progress()
     if setup.rank == 0:  # what `timm-cff compare` reports of a run before it has a summary
         run.write_json(DATASET_FILE, _dataset_record(setup.data))
     try:
-        stage1 = fit_stage1(cfg, run, setup, progress)
+        with _record_nonfinite(run, setup.rank, 'stage 1'):
+            stage1 = fit_stage1(cfg, run, setup, progress)
     finally:
         if distributed and setup.rank != 0:
             torch.distributed.destroy_process_group()
     if setup.rank != 0:
         return {}
-    stage2 = fit_stage2(cfg, run, setup, progress)
+    with _record_nonfinite(run, setup.rank, 'stage 2'):
+        stage2 = fit_stage2(cfg, run, setup, progress)
     summary = {'run': str(run.path), 'method': cfg.train.method, 'epochs': stage1['epoch'],
                'epochs_configured': cfg.train.epochs, 'patience': cfg.train.patience,
                'stop_reason': stage1['stop_reason'],
@@ -115,6 +157,7 @@ def _setup_from_run(run: RunDir, overrides: Callable[[Config], None] | None = No
     cfg = run.read_config()
     if overrides is not None:
         overrides(cfg)
+    check_values(cfg)
     return cfg, RunSetup(cfg)
 
 
@@ -123,10 +166,15 @@ def probe_run(run_path: str | Path, overrides: Callable[[Config], None] | None =
     """Redo stage 2 of a run (e.g. with other ``probe.*`` settings), then test and export again."""
     progress = progress or Progress()
     run = RunDir(run_path)
+    run.check_unlocked()
     cfg, setup = _setup_from_run(run, overrides)
-    summary = run.read_json('summary.json') if (run.path / 'summary.json').exists() else {'run': str(run.path)}
-    summary['stage2'] = fit_stage2(cfg, run, setup, progress)
-    return _finish(cfg, run, setup, summary, progress)
+    run.lock()
+    try:
+        summary = run.read_json('summary.json') if (run.path / 'summary.json').exists() else {'run': str(run.path)}
+        summary['stage2'] = fit_stage2(cfg, run, setup, progress)
+        return _finish(cfg, run, setup, summary, progress)
+    finally:
+        run.unlock()
 
 
 def evaluate_run(run_path: str | Path, overrides: Callable[[Config], None] | None = None,

@@ -128,11 +128,31 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
     return '\n'.join(lines)
 
 
+def _is_rows_json(path: Path) -> bool:
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and {'run', 'method', 'epochs_run'} <= r.keys()
+                                          for r in rows)
+
+
+def _is_table(path: Path) -> bool:
+    try:
+        return path.read_text().startswith('| run | method |')
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def write_comparison(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
     """``OUT.json`` (the rows) and ``OUT.md`` (the table) side by side, e.g. ``docs/results/<recipe>``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = out.with_name(out.name + '.json'), out.with_name(out.name + '.md')
+    for path, written_here in zip(paths, (_is_rows_json, _is_table)):
+        if path.exists() and not written_here(path):
+            raise FileExistsError(f'{path} exists and is no comparison written by timm-cff compare; give another '
+                                  '--out.')
     paths[0].write_text(json.dumps(rows, indent=2, ensure_ascii=False) + '\n')
     paths[1].write_text(format_comparison(rows) + '\n')
     return paths

@@ -12,9 +12,11 @@ from typing import Any
 
 import yaml
 
+from ..methods import get_method_info, list_methods
+
 __all__ = ['Config', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ProbeConfig', 'RunConfig', 'PipelineConfig',
            'ConfigError',
-           'load_config', 'save_config', 'apply_overrides', 'config_to_dict', 'iter_fields', 'flatten', 'parse_override']
+           'check_values', 'load_config', 'save_config', 'apply_overrides', 'config_to_dict', 'iter_fields', 'flatten', 'parse_override']
 
 
 class ConfigError(ValueError):
@@ -77,7 +79,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = opt('cff', 'cff (CFF/CFF+M) | ff | symba | collab (FF-Collab) | bp (end-to-end cross-entropy)')
+    method: str = opt('cff', ' | '.join(f'{name} ({get_method_info(name).paper_name})' for name in list_methods()))
     epochs: int = opt(600, 'stage-1 epochs; the best validation checkpoint acts as early stopping (official 600)')
     patience: int | None = opt(None, 'stop stage 1 once the selection loss has not improved for N epochs; '
                                      'None: run every epoch (official)')
@@ -138,6 +140,52 @@ class Config:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     run: RunConfig = field(default_factory=RunConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+#: Allowed values of numeric keys: (low, high, whether low itself is allowed); None is always allowed where the
+#: key's type admits it. Checked by ``check_values`` before anything is built.
+_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    'model.img_size': (1, None, True), 'model.patch_size': (1, None, True), 'model.embed_dim': (1, None, True),
+    'model.num_heads': (1, None, True), 'model.depth': (1, None, True), 'model.mlp_ratio': (0, None, False),
+    'model.pos_embed_std': (0, None, True),
+    'data.val_fraction': (0, 1, False), 'data.crop_padding': (0, None, True), 'data.ra_num_ops': (0, None, True),
+    'data.ra_magnitude': (0, 30, True), 'data.label_noise': (0, 1, True), 'data.data_fraction': (0, 1, False),
+    'data.train_subset': (1, None, True), 'data.test_subset': (1, None, True), 'data.batch_size': (1, None, True),
+    'data.workers': (0, None, True),
+    'train.epochs': (1, None, True), 'train.patience': (1, None, True), 'train.lr': (0, None, False),
+    'train.weight_decay': (0, None, True), 'train.temperature': (0, None, False), 'train.m0': (0, 1, True),
+    'train.m_last': (0, 1, True), 'train.num_views': (1, None, True), 'train.alpha': (0, None, False),
+    'train.max_steps': (1, None, True),
+    'probe.epochs': (0, None, True), 'probe.lr': (0, None, False), 'probe.weight_decay': (0, None, True),
+    'pipeline.stages': (1, None, True), 'pipeline.max_in_flight': (1, None, True), 'pipeline.timeout_s': (0, None, False),
+}
+_CHOICES = {'train.select_on': ('last', 'sum'), 'train.autocast': (None, 'float32', 'bfloat16', 'float16'),
+            'model.init': ('torch', 'timm'), 'model.patch_act': ('', 'relu')}
+_UPPER_INCLUSIVE = {'data.ra_magnitude', 'data.data_fraction', 'train.m0', 'train.m_last'}
+
+
+def check_values(config: 'Config') -> None:
+    """Refuse out-of-range or inconsistent values before training, naming the key and what it accepts."""
+    for key, _, value in iter_fields(config):
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f'{key} must be one of {", ".join(map(repr, _CHOICES[key]))}, got {value!r}.')
+        if key not in _RANGES or value is None:
+            continue
+        low, high, low_ok = _RANGES[key]
+        too_low = low is not None and (value < low or (value == low and not low_ok))
+        too_high = high is not None and (value > high or (value == high and key not in _UPPER_INCLUSIVE))
+        if too_low or too_high:
+            lo = '' if low is None else f'{">=" if low_ok else ">"} {low}'
+            hi = '' if high is None else f'{"<=" if key in _UPPER_INCLUSIVE else "<"} {high}'
+            raise ConfigError(f'{key} must be {" and ".join(filter(None, (lo, hi)))}, got {value!r}.')
+    m, r = config.model, config.run
+    if m.name != 'mlp' and m.embed_dim % m.num_heads:
+        raise ConfigError(f'model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}.')
+    if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in r.topk) or not r.topk:
+        raise ConfigError(f'run.topk must be a list of positive integers, got {r.topk!r}.')
+    if r.metric not in {f'top{k}' for k in r.topk}:
+        raise ConfigError(f'run.metric={r.metric!r} is not among run.topk={r.topk}; add {r.metric[3:]} to run.topk '
+                          'or pick one of them.')
 
 
 def iter_fields(config: Any, prefix: str = ''):

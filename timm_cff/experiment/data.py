@@ -47,6 +47,32 @@ def _stats(cfg: DataConfig, train: ArrayDataset) -> tuple[tuple[float, ...], tup
     return STATS[name]
 
 
+def _check_splits(cfg: DataConfig, train: ArrayDataset, test: ArrayDataset) -> int:
+    """The class count C, from the labels; refuses data that would give no meaningful result."""
+    name = cfg.root or cfg.dataset
+    for split, data in (('training', train), ('test', test)):
+        if len(data) == 0:
+            raise DataError(f'{name}: the {split} split is empty.')
+        if int(data.y.min()) < 0:
+            raise DataError(f'{name}: the {split} labels must be 0..C-1, found {int(data.y.min())}.')
+    if train.x.shape[1:] != test.x.shape[1:]:
+        raise DataError(f'{name}: training images are {tuple(train.x.shape[1:])} (C, H, W) but test images are '
+                        f'{tuple(test.x.shape[1:])}; both splits need one image shape.')
+    num_classes = int(max(train.y.max(), test.y.max())) + 1
+    if train.classes and len(train.classes) != num_classes:
+        raise DataError(f'{name} names {len(train.classes)} classes but its labels have {num_classes}; the names '
+                        'must match the labels 0..C-1.')
+    seen = set(train.y.unique().tolist())
+    if len(seen) < 2:
+        raise DataError(f'{name}: the training split has a single class ({seen.pop()}); training needs at least 2 '
+                        '(check data.train_subset).')
+    unseen = sorted(set(test.y.unique().tolist()) - seen)
+    if unseen:
+        raise DataError(f'{name}: test labels {unseen[:5]} never occur in the training split (check '
+                        'data.train_subset or the labels).')
+    return num_classes
+
+
 def prepare_data(cfg: DataConfig) -> PreparedData:
     """Load ``cfg.dataset`` and apply the paper's protocol; the test split is never corrupted."""
     full, test = load_dataset(cfg.dataset, cfg.root, cfg.download, cfg.train_split, cfg.test_split)
@@ -54,7 +80,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         full = full.subset(torch.arange(min(cfg.train_subset, len(full))))
     if cfg.test_subset:
         test = test.subset(torch.arange(min(cfg.test_subset, len(test))))
-    num_classes = max(len(full.classes), int(full.y.max()) + 1)
+    num_classes = _check_splits(cfg, full, test)
     train_idx, val_idx = split_train_val(len(full), cfg.val_fraction, cfg.split_seed)
     train, val = full.subset(train_idx), full.subset(val_idx)
     generator = torch.Generator().manual_seed(cfg.corruption_seed)
@@ -62,6 +88,10 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     if cfg.label_noise:
         train.y = corrupt_labels(train.y, cfg.label_noise, num_classes, generator)
         val.y = corrupt_labels(val.y, cfg.label_noise, num_classes, generator)
+    for split, data, keys in (('training', train, 'data.val_fraction, data.data_fraction or data.train_subset'),
+                              ('validation', val, 'data.val_fraction or data.data_fraction')):
+        if len(data) == 0:
+            raise DataError(f'The {split} split has 0 images after the split and corruption settings; raise {keys}.')
     mean, std = _stats(cfg, train)
     if len(mean) != full.x.shape[1]:
         raise DataError(f'{len(mean)} normalisation channels for {full.x.shape[1]}-channel images; set data.stats '

@@ -44,17 +44,41 @@ class Checkpoints(Callback):
         """After the last epoch; ``best.pt`` is already complete."""
 
 
-class MetricsLog(Callback):
-    """One ``metrics.csv`` row per epoch (on the rank that writes the run's files)."""
+class MetricsRow(Callback):
+    """The epoch's ``metrics.csv`` row, put into the loop state before the checkpoint saves it: a row and the
+    checkpoint it describes are one commit, so no kill point loses or duplicates a row."""
 
-    def __init__(self, run: RunDir, trainer: Any):
-        self.run, self.trainer = run, trainer
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
 
     def on_epoch_end(self, result: EpochResult) -> None:
-        self.run.append_row('metrics.csv', {'epoch': result.epoch, 'time_s': round(result.seconds, 3),
-                                            'lr': self.trainer.optimizers[0].param_groups[0]['lr'],
-                                            **{f'train_{k}': v for k, v in result.train.items()},
-                                            **{f'val_{k}': v for k, v in result.val.items()}})
+        result.state.setdefault('rows', []).append({
+            'epoch': result.epoch, 'time_s': round(result.seconds, 3),
+            'lr': self.trainer.optimizers[0].param_groups[0]['lr'],
+            **{f'train_{k}': v for k, v in result.train.items()}, **{f'val_{k}': v for k, v in result.val.items()}})
+
+
+def _numbers(row: dict[str, str]) -> dict[str, Any]:
+    """A CSV row with its values as numbers again (``repr`` of a float reads back exactly)."""
+    return {k: int(v) if k == 'epoch' else float(v) for k, v in row.items()}
+
+
+class MetricsLog(Callback):
+    """Appends the row of each epoch to ``metrics.csv`` once its checkpoint is saved."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_epoch_end(self, result: EpochResult) -> None:
+        self.run.append_row('metrics.csv', result.state['rows'][-1])
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Make ``metrics.csv`` hold exactly the rows of the state a run starts from (a kill between a checkpoint
+        and its row, or a deleted ``last.pt``, would otherwise lose or duplicate rows)."""
+        if 'rows' not in state and state['epoch']:  # a checkpoint written before rows were kept in it
+            self.run.truncate_rows('metrics.csv', state['epoch'])
+            state['rows'] = [_numbers(row) for row in self.run.read_rows('metrics.csv')]
+        self.run.write_rows('metrics.csv', state.get('rows', []))
 
 
 class ProgressReport(Callback):
@@ -118,12 +142,13 @@ def fit_stage1(cfg: Config, run: RunDir, setup: RunSetup, progress: Progress) ->
     runner, checkpoints = _runner(cfg, run, setup)
     state = checkpoints.resume() or new_fit_state()
     if state['epoch']:
-        if setup.rank == 0:
-            run.truncate_rows('metrics.csv', state['epoch'])
         _logger.info('Resuming %s after epoch %d', run.path, state['epoch'])
     callbacks = [checkpoints]
     if setup.rank == 0:
-        callbacks += [MetricsLog(run, setup.trainer), ProgressReport(progress, cfg.train.epochs, runner.selection_key)]
+        log = MetricsLog(run)
+        log.restore(state)
+        callbacks = [MetricsRow(setup.trainer), checkpoints, log,
+                     ProgressReport(progress, cfg.train.epochs, runner.selection_key)]
     state = fit(runner, setup.loaders['train'], setup.loaders['val'], cfg.train.epochs, state=state,
                 patience=cfg.train.patience, max_steps=cfg.train.max_steps, callbacks=callbacks)
     if state['stop_reason'] == 'patience':

@@ -5,32 +5,67 @@
     RUN/metrics.csv            one row per stage-1 epoch
     RUN/probe.csv              one row per probe epoch
     RUN/dataset.json           class count and images per split (written at each start)
+    RUN/.lock                  held by the process that writes the run
     RUN/summary.json           final metrics, best epochs, why stage 1 stopped, wall time
     RUN/checkpoints/last.pt    trainer state after the last finished epoch (resume point)
     RUN/checkpoints/best.pt    model weights of the best validation epoch
     RUN/checkpoints/final.pt   model weights after the probe (encoder + fc_norm + head)
     RUN/export/                the timm folder (config.json + model.safetensors + timm_cff.json)
 """
+import atexit
 import csv
 import json
+import math
 import os
 import platform
+import shutil
+import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..analysis.history import current_column
+from ..files import atomic_write, stray_temporaries
 from .config import Config, ConfigError, config_to_dict, flatten, load_config, save_config
 
-__all__ = ['RunDir', 'CheckpointError', 'environment', 'DATASET_FILE']
+__all__ = ['RunDir', 'CheckpointError', 'RunInUseError', 'environment', 'DATASET_FILE', 'NONFINITE_FILE']
 
 DATASET_FILE = 'dataset.json'
+#: Held by the process writing the run: ``{"pid": ..., "host": ...}``.
+LOCK_FILE = '.lock'
+#: Written when a NaN/inf stopped the run: where, and what later resumes changed.
+NONFINITE_FILE = 'nonfinite.json'
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing or unreadable; the message names the file."""
+
+
+class RunInUseError(RuntimeError):
+    """Another process writes this run folder."""
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
 
 
 def environment() -> dict[str, Any]:
@@ -45,18 +80,6 @@ def environment() -> dict[str, Any]:
         'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         'cpu_threads': torch.get_num_threads(), 'argv': sys.argv,
     }
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class RunDir:
@@ -77,45 +100,132 @@ class RunDir:
         return self.path / 'checkpoints' / f'{name}.pt'
 
     @classmethod
+    def check_new(cls, path: str | Path) -> None:
+        """Refuse a path that exists: a new run is written only into a folder of its own."""
+        path = Path(path)
+        if (path / 'config.yaml').exists():
+            raise ConfigError(f'{path} already holds a run; pick another --run.name or continue it with '
+                              f'--resume {path}.')
+        if path.exists():
+            raise ConfigError(f'{path} exists and is no run folder; timm-cff writes a new run only into a new '
+                              'folder: pick another --run.name or --run.output.')
+
+    @classmethod
     def create(cls, path: str | Path, config: Config) -> 'RunDir':
-        """A new run folder holding the resolved config and the environment; refuses to reuse a used folder."""
+        """Claim a new run folder (an exclusive mkdir, so of two processes on one name only one wins) and write the
+        resolved config and the environment into it; the folder stays locked by this process."""
         run = cls(path)
-        if run.config_path.exists():
-            raise ConfigError(f'{run.path} already holds a run; pick another --run.name or continue it with '
-                              f'--resume {run.path}.')
-        (run.path / 'checkpoints').mkdir(parents=True, exist_ok=True)
+        cls.check_new(run.path)
+        run.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            run.path.mkdir()
+        except FileExistsError:
+            raise RunInUseError(f'{run.path} was created by another process a moment ago; pick another '
+                                '--run.name.') from None
+        run.lock()
+        (run.path / 'checkpoints').mkdir()
         save_config(config, run.config_path)
         run.write_json('environment.json', environment())
         return run
+
+    # ------------------------------------------------------------------------------------------ one writer
+    @property
+    def lock_path(self) -> Path:
+        return self.path / LOCK_FILE
+
+    def lock(self) -> None:
+        """Take the run for this process (exclusive create of ``.lock``); a lock left by a dead process on this
+        host is taken over. ``RunInUseError`` if a live process holds it."""
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                self.check_unlocked()
+                self.lock_path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, 'w') as f:
+                json.dump({'pid': os.getpid(), 'host': socket.gethostname()}, f)
+            atexit.register(self.unlock)  # also released when the process ends without reaching unlock()
+            for stray in stray_temporaries(self.path) + stray_temporaries(self.path / 'checkpoints'):
+                shutil.rmtree(stray) if stray.is_dir() else stray.unlink()  # half-written files of a killed write
+            return
+        raise RunInUseError(f'Could not lock {self.path}; delete {self.lock_path} if no process uses the run.')
+
+    def check_unlocked(self) -> None:
+        """``RunInUseError`` if a live process holds the run's lock (a lock of a dead process on this host is stale)."""
+        owner = self._lock_owner()
+        if not self.lock_path.exists() or owner is None or \
+                (owner['host'] == socket.gethostname() and not _alive(owner['pid'])):
+            return
+        raise RunInUseError(f'{self.path} is in use by process {owner["pid"]} on {owner["host"]}; wait for it to '
+                            f'end (if no such process runs, delete {self.lock_path}).')
+
+    def unlock(self) -> None:
+        owner = self._lock_owner()
+        if owner is not None and owner['pid'] == os.getpid() and owner['host'] == socket.gethostname():
+            self.lock_path.unlink(missing_ok=True)
+
+    def _lock_owner(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads(self.lock_path.read_text())
+            return owner if isinstance(owner, dict) and {'pid', 'host'} <= owner.keys() else None
+        except (OSError, ValueError):
+            return None
 
     def read_config(self) -> Config:
         if not self.config_path.is_file():
             raise ConfigError(f'{self.path} is not a run folder: it has no config.yaml.')
         return load_config(self.config_path)
 
-    def check_resumable(self, config: Config, may_differ: tuple[str, ...] = ('run.quiet', 'run.device',
-                                                                             'data.workers', 'train.epochs',
-                                                                             'train.patience')) -> None:
-        """Refuse to resume with a config that differs from the saved one (except ``may_differ`` keys).
+    #: Keys a resume may change: more epochs or patience (the run continues as if started with them), and the
+    #: device, workers and verbosity (they change no result).
+    RESUMABLE_CHANGES = ('run.quiet', 'run.device', 'data.workers', 'train.epochs', 'train.patience')
+    #: After a non-finite stop (``nonfinite.json``) the learning rates may change too, as its message advises.
+    AFTER_NONFINITE = ('train.lr', 'probe.lr')
+
+    def check_resumable(self, config: Config) -> None:
+        """Refuse to resume with a config that differs from the saved one, except ``RESUMABLE_CHANGES`` (and
+        ``AFTER_NONFINITE`` once a run stopped on a NaN/inf).
 
         ``train.epochs`` and ``train.patience`` may change: learning rates are constant and every epoch is seeded
         by its index, so a run extended from N to M epochs (or given more patience) continues exactly as a run
         started with those settings would have. The new values are saved, so a later plain ``--resume`` keeps them.
         """
-        saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
-        changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k) and k not in may_differ)
+        may_differ = self.RESUMABLE_CHANGES + (self.AFTER_NONFINITE if self.stopped_nonfinite else ())
+        changed = [k for k in self._changes(config) if k not in may_differ]
         if changed:
+            saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
             details = '; '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed[:5])
             raise ConfigError(f'Cannot resume {self.path} with a different config ({details}). Resume without '
-                              'overrides (--train.epochs and --train.patience may change), or start a new run.')
-        if any(saved.get(k) != new.get(k) for k in ('train.epochs', 'train.patience')):
-            _atomic_write(self.config_path, lambda tmp: save_config(config, tmp))
+                              'overrides (--train.epochs and --train.patience may change; after a non-finite stop '
+                              'also --train.lr and --probe.lr), or start a new run.')
+
+    @property
+    def stopped_nonfinite(self) -> bool:
+        return (self.path / NONFINITE_FILE).is_file()
+
+    def _changes(self, config: Config) -> list[str]:
+        saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
+        return sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
+
+    def save_resumed_config(self, config: Config) -> None:
+        """Save what a resume changed (after ``check_resumable``); a changed learning rate is also recorded in
+        ``nonfinite.json`` beside the stop it answers."""
+        changed = [k for k in self._changes(config) if k in ('train.epochs', 'train.patience') + self.AFTER_NONFINITE]
+        if not changed:
+            return
+        if any(k in self.AFTER_NONFINITE for k in changed):
+            saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
+            record = self.read_json(NONFINITE_FILE)
+            record.setdefault('resumed_with', []).append({k: [saved[k], new[k]] for k in changed})
+            self.write_json(NONFINITE_FILE, record)
+        atomic_write(self.config_path, lambda tmp: save_config(config, tmp))
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
         path = self.checkpoint_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: torch.save(state, tmp))
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
         return path
 
     def load_checkpoint(self, name: str) -> dict[str, Any]:
@@ -130,7 +240,9 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------------ records
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        _atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
+        """Strict JSON (a NaN or infinity is written as null, which every JSON reader accepts)."""
+        text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
+        atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(text))
 
     def read_json(self, name: str) -> dict[str, Any]:
         return json.loads((self.path / name).read_text())
@@ -145,15 +257,31 @@ class RunDir:
                 writer.writeheader()
             writer.writerow(row)
 
+    def write_rows(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Replace a CSV by ``rows`` (header from the first), atomically; no rows: no file."""
+        path = self.path / name
+        if not rows:
+            path.unlink(missing_ok=True)
+            return
+
+        def write(tmp: str) -> None:
+            with open(tmp, 'w', newline='') as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_write(path, write)
+
     def read_rows(self, name: str) -> list[dict[str, str]]:
+        """A CSV's rows under the current column names (a run's old ``*_block{i}`` columns read as ``*_stage{i}``)."""
         path = self.path / name
         if not path.exists():
             return []
         with path.open(newline='') as f:
-            return list(csv.DictReader(f))
+            return [{current_column(k): v for k, v in row.items()} for row in csv.DictReader(f)]
 
     def truncate_rows(self, name: str, max_epoch: int) -> None:
-        """Drop rows of epochs after ``max_epoch`` (written after the checkpoint a resume starts from)."""
+        """Drop rows of epochs after ``max_epoch`` (written after the checkpoint a resume starts from), and rewrite
+        the header with the current column names, so that the rows a resumed run appends line up with it."""
         rows = [r for r in self.read_rows(name) if int(r['epoch']) <= max_epoch]
         path = self.path / name
         if path.exists():

@@ -25,14 +25,10 @@ def fit_stage2(cfg: Config, run: RunDir, setup: RunSetup, progress: Progress) ->
     bar = progress.bar(desc='probe' if not setup.is_ff else 'one-pass head', total=cfg.probe.epochs)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        for name in ('probe_train', 'probe_val'):
-            loaders[name].set_epoch(epoch)
         run.append_row('probe.csv', {'epoch': epoch, **metrics})
         progress.update(bar, metrics, advance=True)
 
     (run.path / 'probe.csv').unlink(missing_ok=True)
-    for name in ('probe_train', 'probe_val'):
-        loaders[name].set_epoch(0)
     kwargs = dict(epochs=cfg.probe.epochs, lr=cfg.probe.lr, weight_decay=cfg.probe.weight_decay, on_epoch=on_epoch)
     if setup.is_ff:
         setup.classifier, result = train_one_pass_head(setup.trainer, loaders['probe_train'], loaders['probe_val'],

@@ -132,7 +132,9 @@ class MlpOneHotLabel(LabelledStages):
         stages: ``MlpStages``.
         num_classes: C (at most the number of input values).
         value: the height of the one-hot entry.
-        seed: unused (the code needs no randomness); accepted so every family takes the same arguments.
+        seed: ignored: the one-hot code draws nothing. ``ForwardForwardTrainer`` passes its seed to every
+            family's label class (``create_labelled_stages(..., seed=...)``), and the ViT's draws its label
+            patches from it.
         normalize: see ``LabelledStages`` (both modes agree for vectors).
     """
 

@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import register_loss
+from .supcon import check_features
 
 __all__ = ['goodness', 'FFLoss', 'SymBaLoss']
 
 
 def goodness(features: Tensor) -> Tensor:
     """Mean of squares over every axis but the batch: ``[B, ...] -> [B]``."""
+    check_features(features)
     return features.pow(2).flatten(1).mean(dim=1)
 
 

@@ -37,7 +37,16 @@ def stack_views(features: Tensor | Sequence[Tensor]) -> Tensor:
         features = features.unsqueeze(1)
     if features.dim() != 3:
         raise ValueError(f'Features must be [B, V, D] or a list of [B, D] views, got shape {tuple(features.shape)}.')
+    check_features(features)
     return features
+
+
+def check_features(features: Tensor) -> None:
+    """Refuse what would give a meaningless loss: an empty batch or non-float features."""
+    if not features.is_floating_point():
+        raise TypeError(f'Features must be floating point, got {features.dtype}.')
+    if features.shape[0] == 0:
+        raise ValueError('The batch is empty: a loss needs at least one sample.')
 
 
 def identical_view_copies(features: Tensor) -> int:

@@ -7,6 +7,7 @@ registers itself (``register_method``) with a ``MethodInfo``; every list of meth
 Every trainer speaks the same ``TrainerBase`` protocol, so one run loop drives any method unchanged.
 """
 from .base import NonFiniteLossError as NonFiniteLossError
+from .base import StageOptimizers as StageOptimizers
 from .base import TrainerBase as TrainerBase
 from .base import split_batch as split_batch
 from .registry import MethodInfo as MethodInfo
@@ -20,6 +21,6 @@ from .bp import BackpropTrainer as BackpropTrainer
 from .head import OnePassClassifier as OnePassClassifier
 from .head import train_one_pass_head as train_one_pass_head
 
-__all__ = ['NonFiniteLossError', 'TrainerBase', 'split_batch', 'MethodInfo', 'create_trainer', 'get_method_info',
-           'list_methods', 'register_method', 'LocalTrainer', 'ForwardForwardTrainer', 'BackpropTrainer',
-           'OnePassClassifier', 'train_one_pass_head']
+__all__ = ['NonFiniteLossError', 'StageOptimizers', 'TrainerBase', 'split_batch', 'MethodInfo', 'create_trainer',
+           'get_method_info', 'list_methods', 'register_method', 'LocalTrainer', 'ForwardForwardTrainer',
+           'BackpropTrainer', 'OnePassClassifier', 'train_one_pass_head']

@@ -1,19 +1,22 @@
-"""``TrainerBase``: the run-loop protocol every timm-cff method shares (layer-local CFF, the FF family,
-backpropagation), and the per-stage optimizer/scheduler/autocast builders they use.
+"""What every timm-cff method shares: ``StageOptimizers`` (one optimizer per stage, with its scheduler, the float16
+gradient scaler and the finite-loss guard) and ``TrainerBase`` (the run-loop protocol: ``train_epoch``, ``evaluate``,
+``end_epoch``, ``state_dict``/``load_state_dict``).
 
-A method implements one training step and its statistics; the base turns them into ``step``, ``train_epoch``,
-``evaluate``, ``end_epoch`` and ``state_dict``/``load_state_dict``, refuses a non-finite loss before any weight
-changes and steps every stage's optimizer.
+A method implements ``step(views, labels)`` (one update, returning named detached statistics) and
+``evaluate_batch(views, labels)`` (the same statistics without an update); the base averages them over epochs.
+Per-stage statistics are named ``{name}_stage{i}`` (``stage_key``).
 """
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ['TrainerBase', 'NonFiniteLossError', 'split_batch', 'build_optimizer', 'build_scheduler',
-           'resolve_autocast_dtype']
+from ..loop import MeanMeter
+
+__all__ = ['TrainerBase', 'StageOptimizers', 'NonFiniteLossError', 'split_batch', 'check_views', 'batch_views',
+           'stage_key', 'name_by_stage', 'build_optimizer', 'build_scheduler', 'resolve_autocast_dtype']
 
 _logger = logging.getLogger(__name__)
 
@@ -27,6 +30,7 @@ class NonFiniteLossError(FloatingPointError):
         self.stage, self.step, self.value = stage, step, value
 
 
+# ------------------------------------------------------------------------------------------------ batches
 def split_batch(batch: Any) -> tuple[Any, Tensor]:
     """A loader batch ``(inputs, labels)`` -> ``(inputs, labels)``, with a clear error for other shapes."""
     if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
@@ -35,14 +39,55 @@ def split_batch(batch: Any) -> tuple[Any, Tensor]:
     return batch[0], batch[1]
 
 
+def check_views(views: Tensor | Sequence[Tensor], labels: Tensor, num_views: int) -> list[Tensor]:
+    """The first ``num_views`` views ``[B, ...]`` of a batch, checked against each other and the labels ``[B]``."""
+    views = [views] if isinstance(views, Tensor) else list(views)
+    if len(views) < num_views:
+        raise ValueError(f'The trainer uses {num_views} views per image but the batch has {len(views)}; '
+                         'give a tuple of views or set num_views=1.')
+    views = views[:num_views]
+    if any(v.shape != views[0].shape for v in views):
+        raise ValueError(f'All views must have one shape, got {[tuple(v.shape) for v in views]}.')
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != len(views[0]):
+        shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f'Labels must be a [B] tensor with B = {len(views[0])} (the batch size), got {shape}.')
+    return views
+
+
+def batch_views(views: Tensor | Sequence[Tensor], labels: Tensor, num_views: int,
+                device: torch.device) -> tuple[Tensor, Tensor]:
+    """Views -> one view-major ``[VB, ...]`` tensor and labels ``[B]``, both on ``device``."""
+    views = check_views(views, labels, num_views)
+    return torch.cat(views).to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------------------------------ names
+def stage_key(name: str, index: int) -> str:
+    """The name of stage ``index``'s statistic ``name``: ``stage_key('loss', 2) == 'loss_stage2'``."""
+    return f'{name}_stage{index}'
+
+
+def name_by_stage(per_stage: Mapping[int, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """``{stage: {name: value}}`` -> ``{'{name}_stage{i}': value}``, name-major (all losses, then each metric), the
+    column order of a run's ``metrics.csv``."""
+    names = next(iter(per_stage.values()), {})
+    return {stage_key(name, index): stats[name] for name in names for index, stats in per_stage.items()}
+
+
+# ------------------------------------------------------------------------------------------------ builders
 def build_optimizer(params: list[nn.Parameter], optimizer: Any, lr: float, weight_decay: float,
-                     kwargs: dict) -> torch.optim.Optimizer:
+                    kwargs: dict) -> torch.optim.Optimizer:
     """``'adamw'`` (the official: decay on every parameter) or any ``timm.optim`` name, or a factory."""
     if callable(optimizer):
         return optimizer(params)
     from timm.optim import create_optimizer_v2
     # A parameter list (not a module) keeps timm from splitting off no-decay groups: official CFF decays all.
     return create_optimizer_v2(params, opt=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kwargs: dict):
+    from timm.scheduler import create_scheduler_v2
+    return create_scheduler_v2(optimizer, **kwargs)[0]
 
 
 _AUTOCAST_DTYPES = {None: None, 'float32': None, torch.float32: None, 'bfloat16': torch.bfloat16,
@@ -56,41 +101,153 @@ def resolve_autocast_dtype(dtype: str | torch.dtype | None) -> torch.dtype | Non
     return _AUTOCAST_DTYPES[dtype]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, kwargs: dict):
-    from timm.scheduler import create_scheduler_v2
-    return create_scheduler_v2(optimizer, **kwargs)[0]
+# ------------------------------------------------------------------------------------------------ optimizers
+class StageOptimizers:
+    """One optimizer per stage (and optionally one timm scheduler each), with what their updates share: the
+    float16 gradient scaler and the guard that refuses a non-finite loss before any weight changes.
+
+    An update is ``zero_grad()``, ``backward(loss)`` per stage, ``check_finite(losses)``, ``step(num_updates)``.
+    Stepping after every backward gives the same updates as stepping each stage right after its own: the stages'
+    parameters are disjoint and no stage's input depends on another's update within a batch.
+
+    Args:
+        optimizers: one per stage (end-to-end BP has one "stage").
+        schedulers: none, or one per optimizer (``step(epoch)`` per epoch, ``step_update(num_updates)`` per update).
+        scaler: a ``GradScaler`` for float16 autocast, shared by the stages; ``None`` otherwise.
+        finite_guard: ``check_finite`` refuses NaN/inf (one host sync per call); ``False`` turns it off.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence = (),
+                 scaler: torch.amp.GradScaler | None = None, finite_guard: bool = True):
+        if schedulers and len(schedulers) != len(optimizers):
+            raise ValueError(f'Give one scheduler per optimizer ({len(optimizers)}), got {len(schedulers)}.')
+        self.optimizers = list(optimizers)
+        self.schedulers = list(schedulers)
+        self.scaler = scaler
+        self.finite_guard = finite_guard
+
+    @classmethod
+    def create(cls, stage_params: Sequence[list[nn.Parameter]], optimizer: str | Callable = 'adamw', *,
+               lr: float, weight_decay: float = 0.01, optimizer_kwargs: dict | None = None,
+               scheduler: dict | None = None, scaler: torch.amp.GradScaler | None = None,
+               finite_guard: bool = True) -> 'StageOptimizers':
+        """One ``build_optimizer`` per parameter list, and a ``build_scheduler`` for each if ``scheduler`` is set."""
+        optimizers = [build_optimizer(p, optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))
+                      for p in stage_params]
+        schedulers = [build_scheduler(opt, scheduler) for opt in optimizers] if scheduler else []
+        return cls(optimizers, schedulers, scaler, finite_guard)
+
+    def __len__(self) -> int:
+        return len(self.optimizers)
+
+    def _stages(self, stages: Iterable[int] | None) -> Iterable[int]:
+        return range(len(self.optimizers)) if stages is None else stages
+
+    def zero_grad(self, stages: Iterable[int] | None = None) -> None:
+        """Drop the gradients of ``stages`` (default: all), so each backward allocates fresh ones."""
+        for index in self._stages(stages):
+            self.optimizers[index].zero_grad(set_to_none=True)
+
+    def backward(self, loss: Tensor) -> None:
+        """Back-propagate ``loss`` (scaled when float16 autocast needs it)."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def check_finite(self, losses: Tensor, stages: Sequence[int] | None = None, step: int = 0) -> None:
+        """Raise ``NonFiniteLossError`` (after dropping those stages' gradients) if a loss is NaN or infinite.
+
+        Args:
+            losses: ``[len(stages)]`` detached losses of ``stages`` (default: one per optimizer, in order).
+            step: the update the losses belong to, for the message.
+        """
+        if not self.finite_guard:
+            return
+        stages = range(len(losses)) if stages is None else stages
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):  # one host sync per update
+            k = int((~finite).nonzero()[0])
+            self.zero_grad(stages)
+            raise NonFiniteLossError(stages[k], step, float(losses[k]))
+
+    def step(self, num_updates: int, stages: Iterable[int] | None = None) -> None:
+        """Step the optimizers of ``stages`` (default: all), then move their schedulers to ``num_updates``."""
+        stages = list(self._stages(stages))
+        for index in stages:
+            self.scaler.step(self.optimizers[index]) if self.scaler else self.optimizers[index].step()
+        if self.scaler:
+            self.scaler.update()
+        for index in stages if self.schedulers else ():
+            self.schedulers[index].step_update(num_updates=num_updates)
+
+    def step_epoch(self, epoch: int) -> None:
+        """Move epoch-based schedulers to ``epoch``."""
+        for sched in self.schedulers:
+            sched.step(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{'optimizers': [...], 'schedulers': [...]}``, plus ``'scaler'`` under float16 autocast."""
+        return {'optimizers': [opt.state_dict() for opt in self.optimizers],
+                'schedulers': [sched.state_dict() for sched in self.schedulers],
+                **({'scaler': self.scaler.state_dict()} if self.scaler else {})}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load ``state_dict()``'s entries; ``ValueError`` (before anything changes) for another number of stages."""
+        if len(state['optimizers']) != len(self.optimizers):
+            raise ValueError(f'The checkpoint has {len(state["optimizers"])} stage optimizers, this trainer has '
+                             f'{len(self.optimizers)}; it belongs to a model of another depth or another method.')
+        for opt, opt_state in zip(self.optimizers, state['optimizers']):
+            opt.load_state_dict(opt_state)
+        for sched, sched_state in zip(self.schedulers, state.get('schedulers', [])):
+            sched.load_state_dict(sched_state)
+        if self.scaler and 'scaler' in state:
+            self.scaler.load_state_dict(state['scaler'])
 
 
+# ------------------------------------------------------------------------------------------------ the protocol
 class TrainerBase:
     """The run-loop protocol every timm-cff trainer shares (layer-local CFF, the FF family, backpropagation).
 
-    A subclass sets ``model``, ``optimizers``, ``schedulers``, ``num_views`` and ``check_finite`` and implements
-    ``_update(views, labels)`` (one training step) and ``_evaluate_batch(views, labels)`` (the same statistics without
-    an update), both returning a detached tensor of per-batch means, ``_as_dict`` (that tensor as named 0-d tensors
-    holding at least ``'loss'``), ``selection_key`` and ``predict``. The base turns these into ``step``,
-    ``train_epoch``, ``evaluate``, ``end_epoch`` and ``state_dict``/``load_state_dict``.
+    A subclass sets ``model``, ``stage_optimizers`` and ``num_views`` and implements ``step(views, labels)`` (one
+    update; detached 0-d statistics holding at least ``'loss'``), ``evaluate_batch(views, labels)`` (the same
+    statistics without an update), ``selection_key`` and ``predict``. Statistics derived from others (a sum over
+    stages) are recomputed from the epoch means by ``with_totals``.
     """
     model: nn.Module
-    optimizers: list[torch.optim.Optimizer]
-    schedulers: Sequence = ()
+    stage_optimizers: StageOptimizers
     num_views: int = 1
-    check_finite: bool = True
     num_updates: int = 0
     epoch: int = 0
-    scaler: torch.amp.GradScaler | None = None  # float16 autocast only
     selection_key: str  # the evaluate() entry whose minimum picks the best checkpoint
     predict: Callable[[Tensor], Tensor]  # inputs [B, ...] -> class scores [B, C]
-    _update: Callable[[Any, Tensor], Tensor]  # (views, labels) -> detached per-batch statistics, after one update
-    _evaluate_batch: Callable[[Any, Tensor], Tensor]  # the same statistics without an update
-    _as_dict: Callable[[Tensor], dict[str, Tensor]]  # statistics -> {'loss': ..., ...}
+    step: Callable[[Any, Tensor], dict[str, Tensor]]  # (views, labels) -> detached statistics, after one update
+    evaluate_batch: Callable[[Any, Tensor], dict[str, Tensor]]  # the same statistics without an update
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def step(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
-        """One update on a batch; ``{'loss': ..., ...}`` as detached 0-d tensors (no host sync)."""
-        return self._as_dict(self._update(views, labels))
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """One optimizer per stage."""
+        return self.stage_optimizers.optimizers
+
+    @property
+    def schedulers(self) -> list:
+        """One scheduler per stage, or none."""
+        return self.stage_optimizers.schedulers
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The float16 gradient scaler, or ``None``."""
+        return self.stage_optimizers.scaler
+
+    def prepare_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor,
+                      device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """Views -> one view-major ``[VB, ...]`` tensor on ``device`` (default: the model's); labels checked."""
+        return batch_views(views, labels, self.num_views, self.device if device is None else device)
+
+    def with_totals(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``stats`` with the entries derived from others recomputed (none here; a sum over stages in subclasses)."""
+        return stats
 
     # ------------------------------------------------------------------------------------------------ epochs
     def train_epoch(self, loader: Iterable, on_step: Callable[[dict[str, Tensor]], None] | None = None
@@ -99,34 +256,40 @@ class TrainerBase:
 
         ``on_step`` receives every step's output dict (detached tensors), e.g. for a progress bar.
         """
-        totals, count = None, 0
+        meter = MeanMeter()
         for batch in loader:
             views, labels = split_batch(batch)
-            rows = self._update(views, labels)
+            stats = self.step(views, labels)
+            meter.add(stats, len(labels))
             if on_step is not None:
-                on_step(self._as_dict(rows))
-            totals, count = (rows * len(labels) if totals is None else totals + rows * len(labels)), count + len(labels)
+                on_step(stats)
         self.end_epoch()
-        return self.epoch_means(totals, count)
+        return self.epoch_means(meter.mean())
 
     def end_epoch(self) -> None:
         """Advance the epoch counter and epoch-based schedulers."""
         self.epoch += 1
-        for sched in self.schedulers:
-            sched.step(self.epoch)
+        self.stage_optimizers.step_epoch(self.epoch)
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         """Per-sample means of the step statistics on a loader, without updates (eval mode)."""
         was_training = self.model.training
         self.model.eval()
-        totals, count = None, 0
+        meter = MeanMeter()
         for batch in loader:
             views, labels = split_batch(batch)
-            out = self._evaluate_batch(views, labels) * len(labels)
-            totals, count = (out if totals is None else totals + out), count + len(labels)
+            meter.add(self.evaluate_batch(views, labels), len(labels))
         self.model.train(was_training)
-        return self.epoch_means(totals, count)
+        return self.epoch_means(meter.mean())
+
+    def epoch_means(self, means: dict[str, Tensor]) -> dict[str, float]:
+        """Per-sample means (0-d tensors, on any devices) -> floats, with the totals recomputed from them.
+
+        A total is the sum of its stages' epoch means (not the mean of per-step sums): a layer pipeline, which
+        never holds every stage's loss of one batch at once, reports the same numbers bit for bit.
+        """
+        return {k: float(v) for k, v in self.with_totals({k: v.cpu() for k, v in means.items()}).items()}
 
     def gather(self, device: torch.device | str | None = None) -> 'TrainerBase':
         """The trainer itself: a one-process trainer already holds the whole model (pipelines gather theirs)."""
@@ -134,86 +297,12 @@ class TrainerBase:
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: model, optimizers, schedulers and counters."""
-        return {
-            'model': self.model.state_dict(),
-            'optimizers': [opt.state_dict() for opt in self.optimizers],
-            'schedulers': [sched.state_dict() for sched in self.schedulers],
-            **({'scaler': self.scaler.state_dict()} if self.scaler else {}),
-            'num_updates': self.num_updates,
-            'epoch': self.epoch,
-        }
+        """Everything needed to resume exactly: model, optimizers, schedulers (and scaler) and counters."""
+        return {'model': self.model.state_dict(), **self.stage_optimizers.state_dict(),
+                'num_updates': self.num_updates, 'epoch': self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state['optimizers']) != len(self.optimizers):
-            raise ValueError(f'The checkpoint has {len(state["optimizers"])} stage optimizers, this trainer has '
-                             f'{len(self.optimizers)}; it belongs to a model of another depth or another method.')
+        self.stage_optimizers.load_state_dict(state)  # first: it refuses a checkpoint of another depth or method
         self.model.load_state_dict(state['model'])
-        for opt, opt_state in zip(self.optimizers, state['optimizers']):
-            opt.load_state_dict(opt_state)
-        for sched, sched_state in zip(self.schedulers, state.get('schedulers', [])):
-            sched.load_state_dict(sched_state)
-        if self.scaler and 'scaler' in state:
-            self.scaler.load_state_dict(state['scaler'])
         self.num_updates = state['num_updates']
         self.epoch = state.get('epoch', 0)
-
-    # ----------------------------------------------------------------------------------------------- helpers
-    def _begin_update(self) -> None:
-        self.model.train()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    def _finish_update(self, losses: Tensor) -> None:
-        """Refuse non-finite ``losses [K]`` before any weight changes, then step every optimizer and scheduler."""
-        if self.check_finite:
-            self.raise_if_not_finite(losses)
-        self.num_updates += 1
-        self.step_stages(range(len(self.optimizers)), self.num_updates)
-
-    def step_stages(self, stages: Sequence[int], num_updates: int) -> None:
-        """Step the optimizers of ``stages``, then move their per-update schedulers to ``num_updates``."""
-        for index in stages:
-            self.scaler.step(self.optimizers[index]) if self.scaler else self.optimizers[index].step()
-        if self.scaler:
-            self.scaler.update()
-        for index in stages if self.schedulers else ():
-            self.schedulers[index].step_update(num_updates=num_updates)
-
-    def prepare_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor,
-                      device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-        """Views -> one view-major ``[VB, ...]`` tensor on ``device`` (default: the model's); labels checked."""
-        views = [views] if isinstance(views, Tensor) else list(views)
-        if len(views) < self.num_views:
-            raise ValueError(f'The trainer uses {self.num_views} views per image but the batch has {len(views)}; '
-                             'give a tuple of views or set num_views=1.')
-        views = views[:self.num_views]
-        if any(v.shape != views[0].shape for v in views):
-            raise ValueError(f'All views must have one shape, got {[tuple(v.shape) for v in views]}.')
-        if not isinstance(labels, Tensor) or labels.dim() != 1 or len(labels) != len(views[0]):
-            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f'Labels must be a [B] tensor with B = {len(views[0])} (the batch size), got {shape}.')
-        device = self.device if device is None else device
-        return torch.cat(views).to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-    def raise_if_not_finite(self, losses: Tensor, stages: Sequence[int] | None = None,
-                            step: int | None = None) -> None:
-        """Raise ``NonFiniteLossError`` (after clearing those stages' gradients) if a loss is NaN or infinite.
-
-        Args:
-            losses: ``[len(stages)]`` losses of ``stages`` (default: one per optimizer, in order).
-            step: the update the losses belong to (default: ``num_updates``), for the message.
-        """
-        stages = range(len(losses)) if stages is None else stages
-        finite = torch.isfinite(losses)
-        if not bool(finite.all()):  # one host sync per step
-            k = int((~finite).nonzero()[0])
-            for index in stages:
-                self.optimizers[index].zero_grad(set_to_none=True)
-            raise NonFiniteLossError(stages[k], self.num_updates if step is None else step, float(losses[k]))
-
-    def epoch_means(self, totals: Tensor | None, count: int) -> dict[str, float]:
-        """Per-sample means as floats from statistics summed over ``count`` samples (each batch weighted by size)."""
-        if totals is None:
-            raise ValueError('The loader yielded no batches.')
-        return {k: float(v) for k, v in self._as_dict(totals / count).items()}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import TrainerBase, build_optimizer, build_scheduler
+from .base import StageOptimizers, TrainerBase
 from .registry import MethodInfo, register_method
 
 __all__ = ['BackpropTrainer']
@@ -34,11 +34,11 @@ class BackpropTrainer(TrainerBase):
                  label_smoothing: float = 0.0, check_finite: bool = True):
         self.model = model
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizers = [build_optimizer(params, optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))]
-        self.schedulers = [build_scheduler(self.optimizers[0], scheduler)] if scheduler else []
+        self.stage_optimizers = StageOptimizers.create(  # the whole model is one "stage"
+            [params], optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=optimizer_kwargs,
+            scheduler=scheduler, finite_guard=check_finite)
         self.label_smoothing = label_smoothing
         self.num_views = 1
-        self.check_finite = check_finite
         self.num_updates = 0
         self.epoch = 0
 
@@ -53,27 +53,28 @@ class BackpropTrainer(TrainerBase):
         self.model.eval()
         return self.model(x.to(self.device))
 
-    def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
-        """One end-to-end step; ``[2]``: the detached loss and top-1 accuracy (percent) of the batch."""
+    def step(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """One end-to-end step; ``{'loss', 'top1'}``: the batch's detached loss and top-1 accuracy (percent)."""
         x, y = self.prepare_batch(views, labels)
-        self._begin_update()
+        self.model.train()
+        self.stage_optimizers.zero_grad()
         loss, top1 = self._loss(x, y)
-        loss.backward()
-        self._finish_update(loss.detach()[None])
-        return torch.stack([loss.detach(), top1])
+        self.stage_optimizers.backward(loss)
+        self.stage_optimizers.check_finite(loss.detach()[None], step=self.num_updates)  # before the weights change
+        self.num_updates += 1
+        self.stage_optimizers.step(self.num_updates)
+        return {'loss': loss.detach(), 'top1': top1}
 
-    def _evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
+    def evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
         x, y = self.prepare_batch(views, labels)
-        return torch.stack(self._loss(x, y))
+        loss, top1 = self._loss(x, y)
+        return {'loss': loss, 'top1': top1}
 
     def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = self.model(x)  # [B, C]
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         top1 = (logits.detach().argmax(1) == y).float().mean() * 100
         return loss, top1
-
-    def _as_dict(self, stats: Tensor) -> dict[str, Tensor]:
-        return {'loss': stats[0], 'top1': stats[1]}
 
 
 register_method(MethodInfo('bp', 'BP+CE', BackpropTrainer, end_to_end=True,

@@ -12,12 +12,13 @@ detached, so no gradient crosses stages (CFF paper, Alg. 1). The whole algorithm
 
 Stepping the optimizers after all backward passes gives the same updates as stepping each right after its
 backward: stage l+1's input was computed before stage l's update either way, and the parameter sets are disjoint.
-It also lets a non-finite loss be refused before any weight changes.
-
-``TrainerBase`` (``methods.base``) holds the run-loop protocol (step, epochs, evaluation, state) that every method
-shares.
+It also lets a non-finite loss be refused before any weight changes. A layer pipeline runs the loop's body per stage
+(``forward_backward_stage``) and steps each group's optimizers itself. ``ViewPasses`` decides how a stage runs on the
+views (precision, fused or per-view passes, identical views once); ``StageOptimizers`` (``methods.base``) holds the
+per-stage optimizers, schedulers, gradient scaler and finite guard; ``TrainerBase`` the run-loop protocol (epochs,
+evaluation, state) that every method shares.
 """
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -26,10 +27,10 @@ from torch import Tensor, nn
 from ..families import StageAdapter, create_stages
 from ..loss import create_loss, takes_margin
 from ..margins import PAPER_MARGINS, MarginSchedule, resolve_margins
-from .base import TrainerBase, build_optimizer, build_scheduler, resolve_autocast_dtype
+from .base import StageOptimizers, TrainerBase, check_views, name_by_stage, resolve_autocast_dtype, stage_key
 from .registry import MethodInfo, register_method
 
-__all__ = ['LocalTrainer']
+__all__ = ['LocalTrainer', 'ViewPasses']
 
 
 def _build_losses(loss: Any, margins: Any, loss_kwargs: dict, num_stages: int) -> list[nn.Module]:
@@ -48,6 +49,50 @@ def _build_losses(loss: Any, margins: Any, loss_kwargs: dict, num_stages: int) -
         return [create_loss(loss, **loss_kwargs) for _ in range(num_stages)]
     values = resolve_margins(PAPER_MARGINS if margins is None else margins, num_stages)
     return [create_loss(loss, margin=m, **loss_kwargs) for m in values]
+
+
+class ViewPasses:
+    """How a ``LocalTrainer`` stage runs on the V views of a batch: at which precision, and in how many passes.
+
+    - Precision: with ``autocast_dtype`` the stage forward and its loss run under ``torch.autocast`` (the
+      contrastive loss computes in float32 inside); ``None``: float32.
+    - Fusion: the V views go through a stage as one V·B batch (``fuse=True``) or one pass per view (``False``);
+      equal results up to float rounding. ``None``: one pass per view on CPU, where it measured faster with 1 and
+      2 threads, one V·B batch on accelerators (docs/performance.md).
+    - Identical views: when every view is one tensor object (a loader without augmentation yields them so), the
+      batch is its B rows: identical inputs give identical features, so one pass serves all V views, and the pooled
+      features are expanded over the view axis with stride 0 (the loss computes the same value on the ``[B, B]``
+      similarities).
+    """
+
+    def __init__(self, stages: StageAdapter, num_views: int, fuse: bool | None = None,
+                 autocast_dtype: torch.dtype | None = None):
+        self.stages, self.num_views, self.fuse, self.autocast_dtype = stages, num_views, fuse, autocast_dtype
+
+    def inputs(self, views: Tensor | Sequence[Tensor], labels: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Views -> stage 0's input on ``device``: ``[VB, ...]`` view-major, or ``[B, ...]`` for identical views;
+        and the labels ``[B]``."""
+        views = check_views(views, labels, self.num_views)
+        x = views[0] if all(v is views[0] for v in views[1:]) else torch.cat(views)
+        return x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+    def autocast(self, device: torch.device):
+        """The precision context of a stage's forward and loss (a no-op for float32)."""
+        return torch.autocast(device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def forward(self, index: int, h: Tensor, batch_size: int) -> Tensor:
+        """Stage ``index`` on ``h [VB or B, ...]``, fused or one pass per view; the output keeps ``h``'s rows."""
+        passes = len(h) // batch_size
+        fuse = self.fuse if self.fuse is not None else h.device.type != 'cpu'
+        if fuse or passes == 1:
+            return self.stages.forward_stage(index, h)
+        return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(passes)])
+
+    def features(self, h: Tensor, batch_size: int) -> Tensor:
+        """A stage output ``[VB or B, ...]`` -> the loss's pooled features ``[B, V, D]``."""
+        z = self.stages.pool(h)  # [VB, D] view-major, or [B, D] for identical views
+        features = z.view(-1, batch_size, z.shape[-1]).transpose(0, 1)  # [B, V or 1, D]
+        return features.expand(-1, self.num_views, -1)  # a no-op unless the views are identical (stride 0)
 
 
 class LocalTrainer(TrainerBase):
@@ -69,17 +114,17 @@ class LocalTrainer(TrainerBase):
         scheduler: ``None`` (constant LR, official) or kwargs for ``timm.scheduler.create_scheduler_v2``.
         num_views: 2 (CFF) or 1 (the one-forward variant of Table 6).
         fuse_views: run the V views as one V·B batch through each stage (``True``) or one pass per view
-            (``False``); equal results up to float rounding. ``None`` (default): one pass per view on CPU, where it
-            measured faster with 1 and 2 threads, one V·B batch on accelerators (docs/performance.md).
+            (``False``); ``None`` (default): per view on CPU, fused on accelerators (``ViewPasses``).
         check_finite: refuse a NaN/inf loss before any weight changes (one host sync per step).
         select_on: which validation loss picks the best checkpoint: ``'last'`` stage (official) or ``'sum'``.
+        stage_metrics: extra per-stage diagnostics ``{name: fn(features [B, V, D], labels, loss_fn) -> 0-d}``,
+            computed on detached features and reported as ``{name}_stage{i}`` (e.g. the clamped fraction R(k)).
+        stages: the stage adapter (default: the one registered for the model's family).
         autocast_dtype: ``'bfloat16'`` or ``'float16'`` runs the stage forwards under ``torch.autocast`` (the
             contrastive loss stays float32); float16 adds one gradient scaler shared by the stages, which skips a
             stage's update when its gradients overflow. ``None`` (default): float32.
         compile_stages: ``torch.compile`` the stages (``True``, or a dict of ``torch.compile`` kwargs). Off by
             default: compiling takes minutes on CPU and pays off only on accelerators.
-        stage_metrics: extra per-stage diagnostics ``{name: fn(features [B, V, D], labels, loss_fn) -> 0-d}``,
-            computed on detached features and reported as ``{name}_block{i}`` (e.g. the clamped fraction R(k)).
     """
 
     def __init__(
@@ -112,27 +157,30 @@ class LocalTrainer(TrainerBase):
         self.num_stages = self.stages.num_stages
         self.losses = _build_losses(loss, margins, dict(loss_kwargs or {}), self.num_stages)
         self.margins = [getattr(fn, 'margin', 0.0) for fn in self.losses]
-        self.optimizers = [
-            build_optimizer(self.stages.stage_parameters(i), optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))
-            for i in range(self.num_stages)]
-        self.schedulers = [build_scheduler(opt, scheduler) for opt in self.optimizers] if scheduler else []
         self.num_views = num_views
-        self.fuse_views = fuse_views
-        self.check_finite = check_finite
+        self.views = ViewPasses(self.stages, num_views, fuse_views, resolve_autocast_dtype(autocast_dtype))
+        # float16 needs a loss scale against gradient underflow; bfloat16 has float32's range
+        scaler = torch.amp.GradScaler(self.device.type) if self.autocast_dtype == torch.float16 else None
+        self.stage_optimizers = StageOptimizers.create(
+            [self.stages.stage_parameters(i) for i in range(self.num_stages)], optimizer, lr=lr,
+            weight_decay=weight_decay, optimizer_kwargs=optimizer_kwargs, scheduler=scheduler, scaler=scaler,
+            finite_guard=check_finite)
         self.select_on = select_on
         self.stage_metrics = dict(stage_metrics or {})
-        self.autocast_dtype = resolve_autocast_dtype(autocast_dtype)
-        use_scaler = self.autocast_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(self.device.type) if use_scaler else None
         if compile_stages:
             self.stages.compile(**({} if compile_stages is True else dict(compile_stages)))
         self.num_updates = 0
         self.epoch = 0
 
     @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The stage forwards' autocast dtype, or ``None`` for float32."""
+        return self.views.autocast_dtype
+
+    @property
     def selection_key(self) -> str:
         """The ``evaluate()`` entry whose minimum picks the best checkpoint (official: the last stage's loss)."""
-        return f'loss_block{self.num_stages - 1}' if self.select_on == 'last' else 'loss'
+        return stage_key('loss', self.num_stages - 1) if self.select_on == 'last' else 'loss'
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -149,80 +197,80 @@ class LocalTrainer(TrainerBase):
             labels: ``[B]`` integer classes.
 
         Returns:
-            ``{'loss': Σ_l loss_l, 'loss_block0': loss_0, ...}`` as detached 0-d tensors (no host sync), plus
-            ``{name}_block{i}`` for every ``stage_metrics`` entry.
+            ``{'loss': Σ_l loss_l, 'loss_stage0': loss_0, ...}`` as detached 0-d tensors (no host sync), plus
+            ``{name}_stage{i}`` for every ``stage_metrics`` entry.
         """
-        return self._as_dict(self._update(views, labels))
-
-    def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
-        """The body of ``step()``: ``[1 + M, L]`` detached stage losses (row 0) and stage metrics."""
-        x, labels = self._prepare_views(views, labels)
-        self._begin_update()
-        losses = self._stage_losses(x, labels, backward=True)
-        self._finish_update(losses[0])
-        return losses
-
-    def _evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
-        """``[1 + M, L]`` stage losses and metrics of a batch, without gradients or updates."""
-        x, labels = self._prepare_views(views, labels)
-        return self._stage_losses(x, labels, backward=False)
-
-    def _prepare_views(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
-        """``prepare_batch``, but views that are one tensor object (a loader without augmentation yields them so)
-        give one ``[B, ...]`` copy: identical inputs make identical features, so one pass serves all V views."""
-        shared = not isinstance(views, Tensor) and all(v is views[0] for v in views[1:self.num_views])
-        x, labels = self.prepare_batch(views, labels)
-        return (x[:len(labels)] if shared else x), labels
-
-    def _stage_losses(self, x: Tensor, labels: Tensor, backward: bool) -> Tensor:
-        """Run every stage on its detached input; ``[1 + M, L]``: losses (back-propagated if ``backward``), metrics."""
-        h, columns = x, []
+        h, labels = self.views.inputs(views, labels, self.device)  # the V views as one [VB, C, H, W] batch
+        self.model.train()
+        self.stage_optimizers.zero_grad()
+        per_stage = {}
         for index in range(self.num_stages):
-            h, column = self.stage_step(index, h, labels, backward)
-            columns.append(column)
-        return torch.stack(columns, dim=1)
+            h, loss, features = self.stage_loss(index, h, labels)  # stage `index` on h.detach(), pooled, its loss
+            self.stage_optimizers.backward(loss)  # the graph holds stage `index` only: its input was detached
+            per_stage[index] = self.stage_statistics(index, loss, features, labels)
+        losses = torch.stack([stats['loss'] for stats in per_stage.values()])  # [L]
+        self.stage_optimizers.check_finite(losses, step=self.num_updates)  # before any weight changes
+        self.num_updates += 1
+        self.stage_optimizers.step(self.num_updates)  # every stage's optimizer, after every stage's backward
+        return self.with_totals(name_by_stage(per_stage))
 
-    def stage_step(self, index: int, h: Tensor, labels: Tensor, backward: bool = True) -> tuple[Tensor, Tensor]:
-        """Stage ``index`` alone: forward on the detached input, loss, and (with ``backward``) its gradients.
-
-        The optimizer is not stepped here. Schedules other than the sequential one (e.g. a layer pipeline) call this
-        per stage and batch.
+    def stage_loss(self, index: int, h: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Stage ``index`` on the detached input: its output, its loss and the pooled features.
 
         Args:
-            h: the stage input, ``[VB, ...]`` view-major (images for stage 0), or ``[B, ...]`` when the V views are
-                identical: the loss then gets the features expanded over the view axis (stride 0) and computes the
-                same value on the ``[B, B]`` similarities.
+            h: the stage input, ``[VB, ...]`` view-major (images for stage 0), or ``[B, ...]`` for identical views.
             labels: ``[B]``.
 
         Returns:
-            The stage output, shaped as ``h`` (still attached to this stage's graph only), and ``[1 + M]``: the
-            detached loss followed by the ``stage_metrics`` values.
+            The output, shaped as ``h`` (attached to this stage's graph only), the loss (0-d) and the features
+            ``[B, V, D]`` it was computed on.
         """
-        with torch.autocast(h.device.type, self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            # no gradient is ever computed for the input
-            h = self._forward_stage(index, h.detach(), views=len(h) // len(labels))
-            z = self.stages.pool(h)  # [VB, D] view-major, or [B, D] for identical views
-            features = z.view(-1, len(labels), z.shape[-1]).transpose(0, 1)  # [B, V or 1, D]
-            features = features.expand(-1, self.num_views, -1)  # [B, V, D]; a no-op unless the views are identical
-            loss_fn = self.losses[index]
-            loss = loss_fn(features, labels)
-        if backward:  # the graph holds stage `index` only: its input is detached
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-        extras = [fn(features.detach(), labels, loss_fn) for fn in self.stage_metrics.values()]
-        return h, torch.stack([loss.detach(), *extras])
+        with self.views.autocast(h.device):
+            h = self.views.forward(index, h.detach(), len(labels))  # no gradient is ever computed for the input
+            features = self.views.features(h, len(labels))
+            loss = self.losses[index](features, labels)
+        return h, loss, features
 
-    def _forward_stage(self, index: int, h: Tensor, views: int) -> Tensor:
-        fuse = self.fuse_views if self.fuse_views is not None else h.device.type != 'cpu'
-        if fuse or views == 1:
-            return self.stages.forward_stage(index, h)
-        return torch.cat([self.stages.forward_stage(index, v) for v in h.chunk(views)])
+    def forward_backward_stage(self, index: int, h: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The body of ``step``'s loop for stage ``index`` alone: forward on the detached input, loss, backward;
+        nothing is stepped. A layer pipeline runs it per stage and batch (``StageGroup``), then steps.
 
-    # ----------------------------------------------------------------------------------------------- helpers
-    def _as_dict(self, rows: Tensor) -> dict[str, Tensor]:
-        out = {'loss': rows[0].sum()}
-        for name, row in zip(['loss', *self.stage_metrics], rows):
-            out.update({f'{name}_block{i}': value for i, value in enumerate(row)})
-        return out
+        Returns:
+            The stage output (see ``stage_loss``) and its detached statistics ``{'loss': ..., **stage_metrics}``.
+        """
+        h, loss, features = self.stage_loss(index, h, labels)
+        self.stage_optimizers.backward(loss)
+        return h, self.stage_statistics(index, loss, features, labels)
+
+    def evaluate_stage(self, index: int, h: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``forward_backward_stage`` without the backward (call under ``torch.no_grad``)."""
+        h, loss, features = self.stage_loss(index, h, labels)
+        return h, self.stage_statistics(index, loss, features, labels)
+
+    def evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """The statistics of ``step`` on a batch, without gradients or updates."""
+        h, labels = self.views.inputs(views, labels, self.device)
+        per_stage = {}
+        for index in range(self.num_stages):
+            h, per_stage[index] = self.evaluate_stage(index, h, labels)
+        return self.with_totals(name_by_stage(per_stage))
+
+    # ----------------------------------------------------------------------------------------------- statistics
+    def stage_statistics(self, index: int, loss: Tensor, features: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """``{'loss': ..., name: value for every stage metric}`` of stage ``index``, detached."""
+        detached = features.detach()
+        return {'loss': loss.detach(),
+                **{name: fn(detached, labels, self.losses[index]) for name, fn in self.stage_metrics.items()}}
+
+    def stage_keys(self, stages: Iterable[int] | None = None) -> list[str]:
+        """The names of the per-stage statistics of ``stages`` (default: all), name-major as ``step`` orders them."""
+        stages = list(range(self.num_stages) if stages is None else stages)
+        return [stage_key(name, index) for name in ('loss', *self.stage_metrics) for index in stages]
+
+    def with_totals(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-stage statistics -> ``{'loss': Σ_l loss_stage{l}, 'loss_stage0': ..., ...}`` in ``step``'s order."""
+        losses = torch.stack([stats[stage_key('loss', i)] for i in range(self.num_stages)])
+        return {'loss': losses.sum(), **{key: stats[key] for key in self.stage_keys()}}
 
 
 

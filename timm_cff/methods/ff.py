@@ -20,14 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..loss import create_loss, goodness
 from ..families import StageAdapter, create_labelled_stages, create_stages, draw_negative_labels
-from .base import TrainerBase, build_optimizer, build_scheduler
+from ..loss import create_loss, goodness
+from .base import StageOptimizers, TrainerBase, name_by_stage, stage_key
 from .registry import MethodInfo, register_method
 
 __all__ = ['ForwardForwardTrainer', 'scores_first_stage']
 
 _logger = logging.getLogger(__name__)
+
+_STAGE_STATISTICS = ('loss', 'goodness_pos', 'goodness_neg')  # per stage, in stage_loss's order
 
 
 def scores_first_stage(collab: bool, score_first_stage: bool | None = None) -> bool:
@@ -90,11 +92,10 @@ class ForwardForwardTrainer(TrainerBase):
         self.collab = collab
         params = [self.stages.stage_parameters(i) for i in range(self.num_stages)]
         params[0] = params[0] + list(self.labelled.parameters())  # the label position embedding is stage 0's
-        self.optimizers = [build_optimizer(p, optimizer, lr, weight_decay, dict(optimizer_kwargs or {}))
-                           for p in params]
-        self.schedulers = [build_scheduler(opt, scheduler) for opt in self.optimizers] if scheduler else []
+        self.stage_optimizers = StageOptimizers.create(
+            params, optimizer, lr=lr, weight_decay=weight_decay, optimizer_kwargs=optimizer_kwargs,
+            scheduler=scheduler, finite_guard=check_finite)
         self.num_views = 1
-        self.check_finite = check_finite
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)  # negatives of training steps
         self._eval_generator = torch.Generator()  # negatives of evaluate(), re-seeded per call
@@ -107,17 +108,35 @@ class ForwardForwardTrainer(TrainerBase):
         return 'loss_scored'
 
     # ----------------------------------------------------------------------------------------------- the algorithm
-    def _update(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
-        """One local update of every stage on positives and fresh negatives; ``[3, L]`` statistics."""
-        x, y = self.prepare_batch(views, labels)
-        self._begin_update()
-        stats = self._stage_losses(x, y, self.generator, backward=True)
-        self._finish_update(stats[0])
-        return stats
+    def step(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """One local update of every stage on positives and fresh negatives.
 
-    def _evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> Tensor:
+        Returns:
+            ``{'loss', 'loss_scored', 'loss_stage{i}', 'goodness_pos_stage{i}', 'goodness_neg_stage{i}'}`` as
+            detached 0-d tensors.
+        """
         x, y = self.prepare_batch(views, labels)
-        return self._stage_losses(x, y, self._eval_generator, backward=False)
+        self.model.train()
+        self.stage_optimizers.zero_grad()
+        h, y2, offsets = self._positives_and_negatives(x, y, self.generator)
+        per_stage = {}
+        for index in range(self.num_stages):
+            h, loss, per_stage[index] = self.stage_loss(index, h, y2, offsets)
+            self.stage_optimizers.backward(loss)  # stage `index` only: input detached, offsets without graph
+        losses = torch.stack([stats['loss'] for stats in per_stage.values()])  # [L]
+        self.stage_optimizers.check_finite(losses, step=self.num_updates)  # before any weight changes
+        self.num_updates += 1
+        self.stage_optimizers.step(self.num_updates)
+        return self.with_totals(name_by_stage(per_stage))
+
+    def evaluate_batch(self, views: Tensor | Sequence[Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """The statistics of ``step`` without gradients or updates (negatives from the evaluation generator)."""
+        x, y = self.prepare_batch(views, labels)
+        h, y2, offsets = self._positives_and_negatives(x, y, self._eval_generator)
+        per_stage = {}
+        for index in range(self.num_stages):
+            h, _, per_stage[index] = self.stage_loss(index, h, y2, offsets)
+        return self.with_totals(name_by_stage(per_stage))
 
     def evaluate(self, loader) -> dict[str, float]:
         """Per-sample mean losses and goodness on a loader; negatives come from a generator re-seeded per call,
@@ -125,17 +144,13 @@ class ForwardForwardTrainer(TrainerBase):
         self._eval_generator.manual_seed(self.seed + 1)
         return super().evaluate(loader)
 
-    def _stage_losses(self, x: Tensor, labels: Tensor, generator: torch.Generator, backward: bool) -> Tensor:
-        """``[3, L]``: every stage's loss and its mean positive and negative goodness, positives and negatives run
-        as one 2B batch (positives first)."""
+    def _positives_and_negatives(self, x: Tensor, labels: Tensor, generator: torch.Generator
+                                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Inputs ``[B, ...]`` -> ``[2B, ...]`` (positives first), labels ``[2B]`` (true, then a fresh wrong one)
+        and FF-Collab's offsets ``[L, 2B]`` (``None`` for FF and SymBa)."""
         negatives = draw_negative_labels(labels, self.num_classes, generator)
         x2, y2 = torch.cat([x, x]), torch.cat([labels, negatives])
-        offsets = self._collab_offsets(x2, y2) if self.collab else None
-        h, columns = x2, []
-        for index in range(self.num_stages):
-            h, column = self.stage_step(index, h, y2, None if offsets is None else offsets[index], backward)
-            columns.append(column)
-        return torch.stack(columns, dim=1)
+        return x2, y2, self._collab_offsets(x2, y2) if self.collab else None
 
     @torch.no_grad()
     def _collab_offsets(self, x: Tensor, labels: Tensor) -> Tensor:
@@ -143,27 +158,28 @@ class ForwardForwardTrainer(TrainerBase):
         g = self.labelled.goodness(x, labels)  # [L, 2B]
         return g.sum(0, keepdim=True) - g
 
-    def stage_step(self, index: int, h: Tensor, labels: Tensor, offset: Tensor | None = None,
-                   backward: bool = True) -> tuple[Tensor, Tensor]:
-        """Stage ``index`` alone on a positive/negative batch: forward, loss and (with ``backward``) gradients.
+    def stage_loss(self, index: int, h: Tensor, labels: Tensor, offsets: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Stage ``index`` alone on a positive/negative batch: forward and loss (no backward, no step).
 
         Args:
-            h: ``[2B, ...]``, positives then negatives: the inputs (stage 0) or the previous stage's output.
+            h: ``[2B, ...]``, positives then negatives: the inputs (stage 0) or the previous stage's output (the
+                stage detaches and normalises it).
             labels: ``[2B]`` true then wrong labels (read by stage 0 only).
-            offset: ``[2B]`` goodness added before the loss (FF-Collab), or ``None``.
+            offsets: ``[L, 2B]`` goodness added before the loss (FF-Collab), or ``None``.
 
         Returns:
-            The stage output ``[2B, ...]`` and ``[3]``: the detached loss, mean positive and negative goodness.
+            The stage output ``[2B, ...]``, the loss (0-d, with its graph) and the detached statistics
+            ``{'loss', 'goodness_pos', 'goodness_neg'}`` (mean goodness of positives and negatives).
         """
         h = self.labelled.forward_stage(index, h, labels)
         z_pos, z_neg = self.labelled.pool(h).chunk(2)  # [B, D] each
-        pos_offset, neg_offset = offset.chunk(2) if offset is not None else (0.0, 0.0)
+        pos_offset, neg_offset = offsets[index].chunk(2) if offsets is not None else (0.0, 0.0)
         loss = self.losses[index](z_pos, z_neg, pos_offset, neg_offset)
-        if backward:
-            loss.backward()  # the input was detached and the offsets carry no graph: stage `index` only
         with torch.no_grad():
-            stats = torch.stack([loss.detach(), goodness(z_pos).mean(), goodness(z_neg).mean()])
-        return h, stats
+            stats = {'loss': loss.detach(), 'goodness_pos': goodness(z_pos).mean(),
+                     'goodness_neg': goodness(z_neg).mean()}
+        return h, loss, stats
 
     # ----------------------------------------------------------------------------------------------- prediction
     @torch.no_grad()
@@ -188,11 +204,11 @@ class ForwardForwardTrainer(TrainerBase):
         self.labelled.load_state_dict(state['labels'])
         self.generator.set_state(state['generator'])
 
-    def _as_dict(self, stats: Tensor) -> dict[str, Tensor]:
-        out = {'loss': stats[0].sum(), 'loss_scored': stats[0, self.scored_stages].sum()}
-        for name, row in zip(('loss', 'goodness_pos', 'goodness_neg'), stats):
-            out.update({f'{name}_block{i}': value for i, value in enumerate(row)})
-        return out
+    def with_totals(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-stage statistics -> ``{'loss': Σ_l, 'loss_scored': Σ over the scored stages, per-stage ...}``."""
+        losses = torch.stack([stats[stage_key('loss', i)] for i in range(self.num_stages)])
+        keys = [stage_key(name, i) for name in _STAGE_STATISTICS for i in range(self.num_stages)]
+        return {'loss': losses.sum(), 'loss_scored': losses[self.scored_stages].sum(), **{k: stats[k] for k in keys}}
 
 
 _FF_KEYS = ('score_first_stage',)

@@ -10,9 +10,9 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..families import LabelledStages
 from ..probe import ProbeResult, train_linear_probe
 from .ff import ForwardForwardTrainer
-from ..families import LabelledStages
 
 __all__ = ['OnePassClassifier', 'train_one_pass_head']
 

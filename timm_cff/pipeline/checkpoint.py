@@ -9,13 +9,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ..files import atomic_write
 from .comm import peer_guard
 from .worker import PipelineWorker
 
@@ -33,13 +33,7 @@ def _group_file(directory: Path, group: int) -> Path:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _barrier(what: str) -> None:
@@ -109,7 +103,7 @@ def load_pipeline_checkpoint(worker: PipelineWorker, directory: str | Path) -> N
     if info['stage_counts'] != worker.stage_counts:
         raise ValueError(f'{directory} was written with stage groups {info["stage_counts"]}, this run uses '
                          f'{worker.stage_counts}; pass stage_counts={info["stage_counts"]} to resume it.')
-    state = torch.load(_group_file(directory, worker.group_index), map_location='cpu')
+    state = torch.load(_group_file(directory, worker.group_index), map_location='cpu', weights_only=True)
     worker.load_state_dict(state)
     _logger.info('Rank %d resumed stages %s from %s (epoch %d)', dist.get_rank(), state['stages'], directory,
                  state['epoch'])
@@ -136,6 +130,6 @@ def load_merged_state(directory: str | Path) -> dict[str, Any]:
     """A complete pipeline checkpoint as one ``LocalTrainer.state_dict()`` (no process group needed)."""
     directory = Path(directory)
     info = _read_info(directory)
-    states = [torch.load(_group_file(directory, g), map_location='cpu')
+    states = [torch.load(_group_file(directory, g), map_location='cpu', weights_only=True)
               for g in range(len(info['stage_counts']))]
     return merge_stage_states(states)

@@ -2,8 +2,9 @@
 
 A layer pipeline (CFF paper, Sec. 5.1) gives every device a group of consecutive stages. A group runs its stages
 one after another on a batch, exactly as ``LocalTrainer.step`` does, so the per-stage operations are literally the
-trainer's own (``LocalTrainer.stage_step``). Groups are balanced by measured cost: stage 0 also carries the patch
-and position embedding, and the partition minimises the slowest group, which sets the pipeline's pace.
+trainer's own: ``LocalTrainer.forward_backward_stage`` per stage, then the trainer's ``StageOptimizers`` for the
+finite guard and the steps. Groups are balanced by measured cost: stage 0 also carries the patch and position
+embedding, and the partition minimises the slowest group, which sets the pipeline's pace.
 """
 import logging
 import time
@@ -12,6 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..methods.base import name_by_stage, stage_key
 from ..methods.cff import LocalTrainer
 
 __all__ = ['StageGroup', 'GroupedTrainer', 'balance_stages', 'measure_stage_costs', 'stage_ranges',
@@ -74,7 +76,7 @@ def measure_stage_costs(trainer: LocalTrainer, views: Tensor | Sequence[Tensor],
     bit-identical to one that does not. The optimizer step (elementwise, small next to the stage) is not timed.
     Measure before the model is spread over devices: the batch goes to the trainer's device.
     """
-    x, y = trainer.prepare_batch(views, labels)
+    x, y = trainer.views.inputs(views, labels, trainer.device)
     device = x.device
     was_training = trainer.model.training
     trainer.model.train()
@@ -82,17 +84,15 @@ def measure_stage_costs(trainer: LocalTrainer, views: Tensor | Sequence[Tensor],
     with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
         for attempt in range(repeats + 1):  # attempt 0 warms up allocators and kernels
             h = x
-            for opt in trainer.optimizers:
-                opt.zero_grad(set_to_none=True)  # as in training: each backward allocates its gradients
+            trainer.stage_optimizers.zero_grad()  # as in training: each backward allocates its gradients
             for index in range(trainer.num_stages):
                 _synchronize(device)
                 start = time.perf_counter()
-                h, _ = trainer.stage_step(index, h, y, backward=True)
+                h, _ = trainer.forward_backward_stage(index, h, y)
                 _synchronize(device)
                 if attempt:
                     costs[index] = min(costs[index], time.perf_counter() - start)
-    for opt in trainer.optimizers:
-        opt.zero_grad(set_to_none=True)
+    trainer.stage_optimizers.zero_grad()
     trainer.model.train(was_training)
     _logger.info('Measured stage costs (ms): %s', [round(1e3 * c, 2) for c in costs])
     return costs
@@ -158,39 +158,39 @@ class StageGroup:
         self.num_updates = trainer.num_updates
         self.gradient_reducer = None  # set for data-parallel replicas: sums each stage's gradients across them
 
-    def forward(self, h: Tensor, labels: Tensor, backward: bool = True) -> tuple[Tensor, Tensor]:
-        """Run the group's stages on a batch (gradients too with ``backward``), without stepping.
+    def forward(self, h: Tensor, labels: Tensor, backward: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run the group's stages on a batch (and back-propagate each with ``backward``), without stepping.
 
         Args:
             h: the first stage's input ``[VB, ...]`` (images for stage 0), on any device.
             labels: ``[B]``.
 
         Returns:
-            The detached output of the last stage ``[VB, ...]`` and ``[1 + M, len(stages)]``: losses and metrics.
+            The detached output of the last stage ``[VB, ...]`` and the group's detached per-stage statistics
+            ``{'loss_stage{i}': ..., '{metric}_stage{i}': ...}``.
         """
         h, labels = h.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+        run_stage = self.trainer.forward_backward_stage if backward else self.trainer.evaluate_stage
         if backward:
-            for index in self.stages:
-                self.trainer.optimizers[index].zero_grad(set_to_none=True)
-        columns = []
+            self.trainer.stage_optimizers.zero_grad(self.stages)
+        per_stage = {}
         for index in self.stages:
-            h, column = self.trainer.stage_step(index, h, labels, backward)
-            columns.append(column)
+            h, per_stage[index] = run_stage(index, h, labels)
             if backward and self.gradient_reducer is not None:
                 self.gradient_reducer.start(self.trainer.stages.stage_parameters(index))
-        return h.detach(), torch.stack(columns, dim=1)
+        return h.detach(), name_by_stage(per_stage)
 
-    def check(self, columns: Tensor) -> None:
+    def check(self, stats: dict[str, Tensor]) -> None:
         """Wait for the gradient reduction, then refuse non-finite losses (``NonFiniteLossError``, nothing stepped)."""
         if self.gradient_reducer is not None:
             self.gradient_reducer.finish()
-        if self.trainer.check_finite:
-            self.trainer.raise_if_not_finite(columns[0], self.stages, self.num_updates)
+        losses = torch.stack([stats[stage_key('loss', i)] for i in self.stages])
+        self.trainer.stage_optimizers.check_finite(losses, self.stages, self.num_updates)
 
     def step(self) -> None:
         """Step the group's optimizers and per-update schedulers: one more update of each of its stages."""
         self.num_updates += 1
-        self.trainer.step_stages(self.stages, self.num_updates)
+        self.trainer.stage_optimizers.step(self.num_updates, self.stages)
 
 
 class GroupedTrainer:

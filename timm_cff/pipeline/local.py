@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..loop import MeanMeter
 from ..methods.base import split_batch
 from ..methods.cff import LocalTrainer
 from .groups import GroupedTrainer, StageGroup, balance_stages, place_groups, stage_ranges
@@ -75,37 +76,33 @@ class PipelineTrainer(GroupedTrainer):
 
     # ------------------------------------------------------------------------------ epochs
     def _run(self, loader: Iterable, backward: bool) -> dict[str, float]:
-        totals: list[Tensor | None] = [None] * len(self.groups)
-        count, self.num_steps = 0, 0
+        meters = [MeanMeter() for _ in self.groups]  # one per group: a step's groups run different batches
+        self.num_steps = 0
         for results in self._wavefront(loader, backward):
             self.num_steps += 1
-            for g, result in enumerate(results):
+            for meter, result in zip(meters, results):
                 if result is not None:
-                    _, columns, labels = result
-                    out = columns * len(labels)
-                    totals[g] = out if totals[g] is None else totals[g] + out
-            if results[0] is not None:
-                count += len(results[0][2])
-        if count == 0:
-            raise ValueError('The loader yielded no batches.')
-        return self.trainer.epoch_means(torch.cat([t.cpu() for t in totals], dim=1), count)
+                    _, stats, labels = result
+                    meter.add(stats, len(labels))
+        return self.trainer.epoch_means({k: v for meter in meters for k, v in meter.mean().items()})
 
-    def _wavefront(self, loader: Iterable, backward: bool) -> Iterator[list[tuple[Tensor, Tensor, Tensor] | None]]:
-        """Per step: for each group, ``(output, [1 + M, n] columns, labels)`` of the batch it ran, or None."""
+    def _wavefront(self, loader: Iterable, backward: bool
+                   ) -> Iterator[list[tuple[Tensor, dict[str, Tensor], Tensor] | None]]:
+        """Per step: for each group, ``(output, its stages' statistics, labels)`` of the batch it ran, or None."""
         batches, exhausted = iter(loader), False
         inputs: list[tuple[Tensor, Tensor] | None] = [None] * len(self.groups)
         while True:
             batch = None if exhausted else next(batches, None)
             exhausted = batch is None
-            inputs[0] = None if exhausted else self.trainer.prepare_batch(*split_batch(batch), self.groups[0].device)
+            inputs[0] = None if exhausted else self.trainer.views.inputs(*split_batch(batch), self.groups[0].device)
             if all(item is None for item in inputs):
                 return
             results = [None if item is None else (*group.forward(*item, backward=backward), item[1])
                        for group, item in zip(self.groups, inputs)]
             if backward:
                 active = [(group, result) for group, result in zip(self.groups, results) if result is not None]
-                for group, (_, columns, _) in active:
-                    group.check(columns)  # every group of the step, before any of them updates
+                for group, (_, stats, _) in active:
+                    group.check(stats)  # every group of the step, before any of them updates
                 for group, _ in active:
                     group.step()
             yield results

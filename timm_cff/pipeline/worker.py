@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..loop import MeanMeter
 from ..methods.base import split_batch
 from ..methods.cff import LocalTrainer
 from .comm import ActivationLink, peer_guard
@@ -112,25 +113,23 @@ class PipelineWorker(GroupedTrainer):
 
     def _run(self, loader: Iterable | None, backward: bool) -> dict[str, float]:
         group, link = self.group, self.link
-        totals = torch.zeros(1 + len(self.trainer.stage_metrics), self.trainer.num_stages, device=link.wire)
-        count, self.busy_s = 0, 0.0
+        meter, self.busy_s = MeanMeter(), 0.0
         for h, labels in self._inputs(loader):
             start = time.perf_counter()
-            out, columns = group.forward(h, labels, backward)
+            out, stats = group.forward(h, labels, backward)
             self.busy_s += time.perf_counter() - start
             if link.next_rank is not None:
                 link.send(out, labels)  # before stepping: the successor starts while this group updates
             start = time.perf_counter()
             if backward:
-                group.check(columns)
+                group.check(stats)
                 group.step()
             self.busy_s += time.perf_counter() - start
-            totals[:, group.stages.start:group.stages.stop] += columns.to(link.wire) * len(labels)
-            count += len(labels)
+            meter.add(stats, len(labels))
         if link.next_rank is not None:
             link.send_end()
         link.flush()
-        return self._reduce(totals, count)
+        return self._reduce(meter)
 
     def _inputs(self, loader: Iterable | None) -> Iterator[tuple[Tensor, Tensor]]:
         if not self.reads_data:
@@ -141,16 +140,22 @@ class PipelineWorker(GroupedTrainer):
             raise ValueError(f'Rank {dist.get_rank()} runs the first stage group and reads the data: give it the '
                              'loader (its replica\'s shard).')
         for batch in loader:
-            yield self.trainer.prepare_batch(*split_batch(batch), self.group.device)
+            yield self.trainer.views.inputs(*split_batch(batch), self.group.device)
 
-    def _reduce(self, totals: Tensor, count: int) -> dict[str, float]:
-        """Sum every rank's stage columns; each sample is counted once per group, hence the division by K."""
-        count = torch.tensor([float(count)], device=totals.device)
+    def _reduce(self, meter: MeanMeter) -> dict[str, float]:
+        """Sum every rank's per-stage sums (zero for the stages of other groups; each sample is counted once per
+        group, hence the division by K) into the epoch means of all stages, the same dict on every rank."""
+        keys, wire = self.trainer.stage_keys(), self.link.wire
+        sums = meter.sum() if meter.count else {}
+        totals = torch.stack([sums[k].to(wire) if k in sums else torch.zeros((), device=wire) for k in keys])
+        count = torch.tensor([float(meter.count)], device=wire)
         with peer_guard('summing the epoch losses', 'all ranks'):
             dist.all_reduce(totals)
             dist.all_reduce(count)
         samples = int(count.item()) // self.num_groups
-        return self.trainer.epoch_means(totals if samples else None, samples)
+        if not samples:
+            raise ValueError('The loader yielded no batches.')
+        return self.trainer.epoch_means(dict(zip(keys, (totals / samples).unbind())))
 
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
