@@ -192,10 +192,10 @@ class RunDir:
         started with those settings would have. The new values are saved, so a later plain ``--resume`` keeps them.
         """
         may_differ = self.RESUMABLE_CHANGES + (self.AFTER_NONFINITE if self.stopped_nonfinite else ())
-        changed = [k for k in self._changes(config) if k not in may_differ]
+        changes = self._changes(config)
+        changed = [k for k in changes if k not in may_differ]
         if changed:
-            saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
-            details = '; '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed[:5])
+            details = '; '.join(f'{k}: {changes[k][0]!r} -> {changes[k][1]!r}' for k in changed[:5])
             raise ConfigError(f'Cannot resume {self.path} with a different config ({details}). Resume without '
                               'overrides (--train.epochs and --train.patience may change; after a non-finite stop '
                               'also --train.lr and --probe.lr), or start a new run.')
@@ -204,20 +204,21 @@ class RunDir:
     def stopped_nonfinite(self) -> bool:
         return (self.path / NONFINITE_FILE).is_file()
 
-    def _changes(self, config: Config) -> list[str]:
+    def _changes(self, config: Config) -> dict[str, tuple[Any, Any]]:
+        """``{key: (saved value, new value)}`` of every key where ``config`` differs from the saved one, sorted."""
         saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
-        return sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k))
+        return {k: (saved.get(k), new.get(k)) for k in sorted(saved.keys() | new.keys()) if saved.get(k) != new.get(k)}
 
     def save_resumed_config(self, config: Config) -> None:
         """Save what a resume changed (after ``check_resumable``); a changed learning rate is also recorded in
         ``nonfinite.json`` beside the stop it answers."""
-        changed = [k for k in self._changes(config) if k in ('train.epochs', 'train.patience') + self.AFTER_NONFINITE]
-        if not changed:
+        changes = {k: v for k, v in self._changes(config).items()
+                   if k in ('train.epochs', 'train.patience') + self.AFTER_NONFINITE}
+        if not changes:
             return
-        if any(k in self.AFTER_NONFINITE for k in changed):
-            saved, new = flatten(config_to_dict(self.read_config())), flatten(config_to_dict(config))
+        if any(k in self.AFTER_NONFINITE for k in changes):
             record = self.read_json(NONFINITE_FILE)
-            record.setdefault('resumed_with', []).append({k: [saved[k], new[k]] for k in changed})
+            record.setdefault('resumed_with', []).append({k: list(v) for k, v in changes.items()})
             self.write_json(NONFINITE_FILE, record)
         atomic_write(self.config_path, lambda tmp: save_config(config, tmp))
 
