@@ -15,7 +15,7 @@ from timm_cff.experiment.compare import method_label, summarize_run
 from timm_cff.experiment.config import Config, apply_overrides, iter_fields, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / 'examples' / 'configs' / 'quickstart.yaml')
+QUICKSTART = str(ROOT / 'timm_cff' / 'recipes' / 'quickstart.yaml')
 CIFAR = ROOT.parent / 'shared' / 'data' / 'cifar10_jpeg'
 TINY = ['--train.epochs=2', '--train.max_steps=2', '--probe.epochs=2', '--data.train_subset=200',
         '--data.test_subset=64', '--data.batch_size=32', '--model.depth=2', '--model.embed_dim=32',

@@ -48,6 +48,7 @@ def export_model(
         *,
         data_config: dict | None = None,
         model_args: dict | None = None,
+        label_names: list[str] | None = None,
         description: str = 'Trained layer-locally with Contrastive Forward-Forward (timm-cff).',
         metadata: dict | None = None,
 ) -> Path:
@@ -59,6 +60,7 @@ def export_model(
             anything else is refused with ``FileExistsError``.
         data_config: ``input_size``, ``mean``, ``std``, ``crop_pct``, ``interpolation`` used by the data pipeline.
         model_args: constructor arguments overriding those timm recorded (``model._model_args``).
+        label_names: the class names in label order (timm's ``label_names`` field of ``config.json``).
         description: stored as ``pretrained_cfg.description``.
         metadata: extra JSON-serialisable training facts, written to ``timm_cff.json``.
 
@@ -72,6 +74,10 @@ def export_model(
     check_replaceable(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     model_config = {'pretrained_cfg': {'tag': 'timm_cff', 'description': description, 'license': 'apache-2.0'}}
+    if label_names:
+        if len(label_names) != getattr(model, 'num_classes', len(label_names)):
+            raise ValueError(f'{len(label_names)} label names for a model with {model.num_classes} classes.')
+        model_config['label_names'] = list(label_names)
     tmp = temporary_folder(directory)
     try:
         try:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .families import HEAD_MODULES
 from .loop import Callback, EpochResult, fit
-from .methods.base import NonFiniteLossError
+from .methods.base import NonFiniteLossError, build_optimizer, build_scheduler
 from .metrics import accuracy, first_view
 
 __all__ = ['train_linear_probe', 'ProbeResult']
@@ -103,6 +103,8 @@ def train_linear_probe(
         epochs: int = 50,
         lr: float = 5e-4,
         weight_decay: float = 0.01,
+        optimizer: str = 'adamw',
+        scheduler: dict | None = None,
         reinit: bool = True,
         head_modules: tuple[str, ...] = HEAD_MODULES,
         cache_features: bool = False,
@@ -114,6 +116,9 @@ def train_linear_probe(
         model: a timm model (``forward_features`` / ``forward_head``); only ``head_modules`` change.
         train_loader, val_loader: ``(inputs, labels)`` batches; with several views the first is used.
         epochs, lr, weight_decay: AdamW settings (official: 50, 5e-4, 0.01, constant LR).
+        optimizer: a ``timm.optim`` name (``'adamw'``: the official probe's torch AdamW).
+        scheduler: ``None`` (constant LR) or ``create_scheduler_v2`` kwargs (``timm_cff.methods.schedule``),
+            stepped after every epoch.
         reinit: re-initialise the head modules first (the official probe starts from fresh layers).
         cache_features: encode each loader once and reuse the features every epoch; only right when the
             loaders give the same inputs every epoch (no augmentation).
@@ -132,8 +137,9 @@ def train_linear_probe(
         _reset(head)
     was_training = model.training
     model.eval()  # frozen encoder: no dropout / drop-path
-    probe = _Probe(model, head, torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay),
-                   cache_features)
+    head_optimizer = build_optimizer(list(head.parameters()), optimizer, lr, weight_decay, {})
+    sched = build_scheduler(head_optimizer, scheduler) if scheduler else None
+    probe = _Probe(model, head, head_optimizer, sched, cache_features)
     record = _Record(head, on_epoch)
     state = fit(probe, train_loader, val_loader, epochs, validate=val_loader is not None, callbacks=[record])
     if record.best_state is not None:
@@ -146,12 +152,17 @@ class _Probe:
     """The probe as a ``loop.Runner``: epochs of cross-entropy on the frozen encoder's features."""
     selection_key = 'loss'
 
-    def __init__(self, model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, cache: bool):
-        self.model, self.head, self.optimizer, self.cache = model, head, optimizer, cache
+    def __init__(self, model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cache: bool):
+        self.model, self.head, self.optimizer, self.scheduler, self.cache = model, head, optimizer, scheduler, cache
         self._caches: dict[int, _FeatureCache] = {}
+        self.epoch = 0
 
     def train_epoch(self, loader: Iterable, on_step=None) -> dict[str, float]:
-        return _run_epoch(self.model, self.head, self._batches(loader), self.optimizer)
+        metrics = _run_epoch(self.model, self.head, self._batches(loader), self.optimizer)
+        self.epoch += 1
+        if self.scheduler is not None:
+            self.scheduler.step(self.epoch)
+        return metrics
 
     def evaluate(self, loader: Iterable) -> dict[str, float]:
         return _run_epoch(self.model, self.head, self._batches(loader))

@@ -20,22 +20,32 @@ STATS = {
 }
 
 
-def random_crop(x: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+def _rows(part: tuple[int, int] | None, batch: int) -> tuple[slice, int]:
+    """``part = (start, total)``: ``x`` holds rows ``start..start+B`` of a batch of ``total``; draws are taken for
+    all ``total`` rows, so a replica's slice is augmented as the whole batch would be in one process."""
+    start, total = part or (0, batch)
+    return slice(start, start + batch), total
+
+
+def random_crop(x: Tensor, padding: int, generator: torch.Generator, part: tuple[int, int] | None = None) -> Tensor:
     """Zero-pad by ``padding`` and crop back at a uniform offset in [0, 2·padding] per sample: ``[B, C, H, W]``."""
     if padding == 0:
         return x
     batch, _, height, width = x.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, batch), generator=generator).to(x.device, non_blocking=True)
+    rows, total = _rows(part, batch)
+    offsets = torch.randint(0, 2 * padding + 1, (2, total), generator=generator)[:, rows].to(x.device,
+                                                                                            non_blocking=True)
     padded = F.pad(x, (padding, padding, padding, padding))
-    rows = offsets[0, :, None] + torch.arange(height, device=x.device)  # [B, H]
-    cols = offsets[1, :, None] + torch.arange(width, device=x.device)  # [B, W]
+    ys = offsets[0, :, None] + torch.arange(height, device=x.device)  # [B, H]
+    xs = offsets[1, :, None] + torch.arange(width, device=x.device)  # [B, W]
     index = torch.arange(batch, device=x.device)[:, None, None]
-    return padded[index, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # [B, H, W, C] -> NCHW
+    return padded[index, :, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)  # [B, H, W, C] -> NCHW
 
 
-def random_hflip(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Mirror each sample of ``[B, C, H, W]`` with probability 0.5."""
-    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device, non_blocking=True)
+def random_hflip(x: Tensor, generator: torch.Generator, part: tuple[int, int] | None = None) -> Tensor:
+    """Mirror each sample of ``[B, C, H, W]`` with probability 0.5 (``part`` as for ``random_crop``)."""
+    rows, total = _rows(part, len(x))
+    flip = (torch.rand(total, generator=generator)[rows] < 0.5).to(x.device, non_blocking=True)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -57,9 +67,10 @@ class BatchAugment:
         """Whether two calls on one batch can differ (``False``: every view of an image is the same)."""
         return self.train and (self.padding > 0 or self.hflip)
 
-    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, x: Tensor, generator: torch.Generator, part: tuple[int, int] | None = None) -> Tensor:
+        """``x`` uint8 ``[B, C, H, W]``, rows ``part = (start, total)`` of a larger batch (default: all of it)."""
         if self.train:
-            x = random_crop(x, self.padding, generator)
+            x = random_crop(x, self.padding, generator, part)
             if self.hflip:
-                x = random_hflip(x, generator)
+                x = random_hflip(x, generator, part)
         return normalize(x, self.mean, self.std)

@@ -49,7 +49,8 @@ class ImageLoader:
         randaugment: optional per-image transform on uint8 ``[C, H, W]`` applied before ``augment``.
         workers: DataLoader workers for ``randaugment``.
         shard: ``(index, count)``: yield only part ``index`` of ``count`` of every batch (data-parallel replicas
-            share one permutation and split each global batch).
+            share one permutation and the global batch's augmentation draws, and split each global batch: the
+            replicas' parts together are exactly the one-process batch).
     """
 
     def __init__(self, data: ArrayDataset, batch_size: int, augment: BatchAugment, *, num_views: int = 1,
@@ -76,12 +77,17 @@ class ImageLoader:
     def _epoch_seed(self) -> int:
         return (self.seed * 1_000_003 + self.epoch) % (2 ** 62)
 
-    def _batches(self, generator: torch.Generator) -> list[Tensor]:
-        """This loader's sample indices of every batch of the epoch (its shard of each global batch)."""
+    def _batches(self, generator: torch.Generator) -> list[tuple[Tensor, tuple[int, int]]]:
+        """This loader's sample indices of every batch of the epoch (its shard of each global batch), each with
+        its rows ``(start, global batch size)``."""
         n = len(self.data)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         index, count = self.shard
-        return [batch.tensor_split(count)[index] for batch in order.split(self.batch_size)]
+        out = []
+        for batch in order.split(self.batch_size):
+            parts = batch.tensor_split(count)
+            out.append((parts[index], (sum(len(p) for p in parts[:index]), len(batch))))
+        return out
 
     def _raw_batches(self, batches: list[Tensor]) -> Iterator[Tensor]:
         """uint8 ``[B, C, H, W]`` (shared by the views) or ``[B, V, C, H, W]`` (per-view RandAugment)."""
@@ -97,14 +103,15 @@ class ImageLoader:
     def __iter__(self) -> Iterator[tuple[Tensor | tuple[Tensor, ...], Tensor]]:
         generator = torch.Generator().manual_seed(self._epoch_seed())
         batches = self._batches(generator)
-        # every replica draws the permutation, then its own augmentations
-        generator.manual_seed(self._epoch_seed() + 7919 * (self.shard[0] + 1))
-        for index, raw in zip(batches, self._raw_batches(batches)):
+        # the augmentation draws are the global batch's on every replica; each applies its own rows of them
+        generator.manual_seed(self._epoch_seed() + 7919)
+        indices = [index for index, _ in batches]
+        for (index, part), raw in zip(batches, self._raw_batches(indices)):
             raw = raw.to(self.device, non_blocking=True)
             if raw.dim() == 4 and not self.augment.is_random:  # identical views: one tensor (trainers run it once)
-                views = (self.augment(raw, generator),) * self.num_views
+                views = (self.augment(raw, generator, part),) * self.num_views
             else:
                 per_view = raw.unbind(1) if raw.dim() == 5 else [raw] * self.num_views
-                views = tuple(self.augment(v, generator) for v in per_view)
+                views = tuple(self.augment(v, generator, part) for v in per_view)
             labels = self.data.y[index].to(self.device, non_blocking=True)
             yield (views[0] if self.num_views == 1 else views), labels

@@ -7,6 +7,7 @@ hyperparameters; keys that the method does not read are refused before anything 
 """
 import functools
 import logging
+import os
 import random
 from typing import Any
 
@@ -20,13 +21,13 @@ from ..analysis import clamped_fraction_metric
 from ..families import create_mlp, get_family, init_official_
 from ..loss import takes_margin
 from ..margins import MarginSchedule
-from ..methods import create_trainer, get_method_info, list_methods
+from ..methods import create_trainer, get_method_info, list_methods, schedule
 from ..pipeline.session import start_distributed
 from .config import Config, ConfigError, ModelConfig, TrainConfig, iter_fields
 from .data import PreparedData, create_loaders, prepare_data
 from .rundir import RunDir
 
-__all__ = ['create_model', 'build_trainer', 'check_train_keys', 'unused_train_keys', 'RunSetup', 'resolve_device',
+__all__ = ['create_model', 'launched_by_torchrun', 'build_trainer', 'check_train_keys', 'unused_train_keys', 'RunSetup', 'resolve_device',
            'seed_all', 'data_config']
 
 _logger = logging.getLogger(__name__)
@@ -51,15 +52,20 @@ def _check_trainable(name: str) -> None:
                           f'{model_class.__name__}.') from None
 
 
+#: ``model.*`` fields that override the timm architecture's own size only when given.
+_SIZE_FIELDS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'mlp_ratio')
+
+
 def create_model(cfg: ModelConfig, num_classes: int, input_size: tuple[int, int, int]) -> nn.Module:
-    """``timm.create_model(cfg.name, ...)`` for images of ``input_size`` (C, H, W) and ``num_classes`` classes;
-    ``cfg.name='mlp'`` gives MLP[embed_dim depth] on the flattened image."""
+    """``timm.create_model(cfg.name, ...)`` for images of ``input_size`` (C, H, W) and ``num_classes`` classes: the
+    architecture's own sizes, overridden by the size fields that are set; ``cfg.name='mlp'`` gives
+    MLP[embed_dim depth] on the flattened image."""
     in_chans, height, width = input_size
     if cfg.name == 'mlp':
         return create_mlp(cfg.embed_dim, cfg.depth, num_classes, img_size=(height, width), in_chans=in_chans)
-    kwargs = dict(img_size=cfg.img_size or height, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                  depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=num_classes,
-                  global_pool=cfg.global_pool, class_token=cfg.class_token, in_chans=in_chans)
+    sizes = {key: getattr(cfg, key) for key in _SIZE_FIELDS if getattr(cfg, key) is not None}
+    kwargs = dict(img_size=cfg.img_size or height, **sizes, num_classes=num_classes, global_pool=cfg.global_pool,
+                  class_token=cfg.class_token, in_chans=in_chans)
     if cfg.init not in ('torch', 'timm'):
         raise ValueError(f"model.init must be 'torch' or 'timm', got {cfg.init!r}.")
     if cfg.init == 'torch':
@@ -80,6 +86,11 @@ def create_model(cfg: ModelConfig, num_classes: int, input_size: tuple[int, int,
     return init_official_(model, cfg.pos_embed_std) if cfg.init == 'torch' else model
 
 
+def launched_by_torchrun() -> bool:
+    """Several processes started by torchrun (``WORLD_SIZE`` > 1): one run, trained by all of them."""
+    return int(os.environ.get('WORLD_SIZE', '1')) > 1
+
+
 def resolve_device(name: str) -> torch.device:
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -96,7 +107,8 @@ def seed_all(seed: int) -> None:
 
 
 #: ``train.*`` keys every method reads; the others belong to the methods that declare them (``MethodInfo``).
-COMMON_TRAIN_KEYS = ('method', 'epochs', 'patience', 'lr', 'optimizer', 'weight_decay', 'max_steps')
+COMMON_TRAIN_KEYS = ('method', 'epochs', 'patience', 'lr', 'optimizer', 'weight_decay', 'max_steps', 'sched',
+                     'warmup_epochs', 'warmup_lr', 'min_lr', 'decay_epochs', 'decay_rate')
 #: Keys of the margin schedule, read only with a loss that takes a margin.
 MARGIN_KEYS = ('margin_schedule', 'm0', 'm_last')
 
@@ -129,7 +141,9 @@ def check_train_keys(cfg: Config, explicit: set[str] = frozenset()) -> None:
 def build_trainer(cfg: Config, model: nn.Module):
     """The stage-1 trainer of ``cfg.train.method`` with the run's hyperparameters."""
     t = cfg.train
-    kwargs: dict[str, Any] = dict(optimizer=t.optimizer, weight_decay=t.weight_decay)
+    kwargs: dict[str, Any] = dict(optimizer=t.optimizer, weight_decay=t.weight_decay, scheduler=schedule(
+        t.sched, t.epochs, warmup_epochs=t.warmup_epochs, warmup_lr=t.warmup_lr, min_lr=t.min_lr,
+        decay_epochs=t.decay_epochs, decay_rate=t.decay_rate))
     if t.lr is not None:
         kwargs['lr'] = t.lr
     if t.method == 'cff':
@@ -165,11 +179,13 @@ class RunSetup:
 
     def __init__(self, cfg: Config, distributed: bool = False):
         self.cfg = cfg
+        self.distributed = distributed
         self.rank, shard = 0, (0, 1)
-        if distributed:  # one process per stage group (x replicas), launched by torchrun
+        if distributed:  # torchrun: stage groups x data-parallel replicas (one group: pure data parallelism)
             if cfg.train.method != 'cff':
-                raise ConfigError(f'The layer pipeline trains layer-local methods; train.method={cfg.train.method!r} '
-                                  'is not one (use cff).')
+                raise ConfigError(f'torchrun runs train.method=cff (a layer pipeline and/or data-parallel replicas '
+                                  f'with the contrastive loss on the global batch); train.method={cfg.train.method} '
+                                  'trains in one process: run it without torchrun.')
             self.device = start_distributed(cfg.pipeline.stages, cfg.pipeline.timeout_s)
             self.rank = torch.distributed.get_rank()
             shard = (self.rank // cfg.pipeline.stages, torch.distributed.get_world_size() // cfg.pipeline.stages)

@@ -1,12 +1,13 @@
 """``timm-cff``: train, probe, evaluate and export CFF runs from YAML recipes.
 
-    timm-cff train --config examples/configs/quickstart.yaml [--section.key=value ...]
+    timm-cff train --config quickstart [--section.key=value ...]     (a shipped recipe's name, or a YAML path)
     timm-cff train --resume runs/NAME
     timm-cff probe runs/NAME [--probe.epochs=10]
     timm-cff eval runs/NAME | EXPORT_DIR [--data.root=...]
     timm-cff export runs/NAME [--out DIR] [--checkpoint final|best]
     timm-cff analyze runs/NAME | EXPORT_DIR [--out DIR]
     timm-cff compare runs/A runs/B ...
+    timm-cff recipes [FILTER]
 
 The only module that prints and configures logging.
 """
@@ -24,6 +25,7 @@ from .compare import format_comparison, summarize_run, write_comparison
 from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
 from ..data import DataError
 from .commands import analyze_path, evaluate_export, evaluate_run, export_run, probe_run, train_run
+from .recipes import Recipe, list_recipes, resolve_recipe
 from .rundir import CheckpointError, RunDir, RunInUseError
 from ..methods import NonFiniteLossError
 
@@ -86,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
     train = sub.add_parser('train', allow_abbrev=False, help='stage 1 + probe + test + export', description='Train a run: stage 1 '
                            '(layer-local), stage 2 (linear probe), test accuracy, timm export.')
-    train.add_argument('--config', help='YAML recipe (examples/configs/*.yaml); options below override it')
+    train.add_argument('--config', help='a shipped recipe by name (timm-cff recipes lists them, e.g. quickstart, '
+                       'cifar10_vit128-4-5_rc) or a YAML file; options below override it')
     train.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from its last checkpoint; '
                        'with --train.epochs=N it extends the run to N epochs')
     _add_config_options(train)
@@ -118,6 +121,10 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument('--json', dest='format', action='store_const', const='json', help='same as --format json')
     compare.add_argument('--out', metavar='PREFIX', help='also write PREFIX.json and PREFIX.md, e.g. '
                          'docs/results/cifar10_vit128-4-5_rc')
+    recipes = sub.add_parser('recipes', allow_abbrev=False, help='list the shipped recipes',
+                             description='The recipes shipped in the package, each with the paper row it reproduces; '
+                             'pass a name to --config.')
+    recipes.add_argument('filter', nargs='?', default='', help='only names containing this text')
     export = sub.add_parser('export', allow_abbrev=False, help='write the timm folder of a run')
     export.add_argument('run_dir')
     export.add_argument('--out', help='output folder (default: RUN_DIR/export)')
@@ -139,18 +146,20 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
         cfg = load_config(RunDir(args.resume).config_path, overrides)
         path = Path(args.resume)
     else:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config and resolve_recipe(args.config), overrides)
         path = Path(cfg.run.output) / (cfg.run.name or _run_name(args.config))
-    _setup_logging(cfg.run.quiet)
     lead = os.environ.get('RANK', '0') == '0'  # under torchrun only rank 0 reports
+    _setup_logging(cfg.run.quiet, lead)
     if lead:
         print(f'run folder: {path}', flush=True)
     progress = QuietProgress() if cfg.run.quiet or not lead else TqdmProgress()
     return train_run(cfg, path, resume=bool(args.resume), progress=progress, explicit_keys=set(overrides))
 
 
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format='%(message)s', force=True)
+def _setup_logging(quiet: bool, lead: bool = True) -> None:
+    """INFO (WARNING when quiet) on the lead process; under torchrun the other ranks report errors only."""
+    level = (logging.WARNING if quiet else logging.INFO) if lead else logging.ERROR
+    logging.basicConfig(level=level, format='%(message)s', force=True)
 
 
 def _apply(overrides: dict[str, Any]):
@@ -173,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
             result = analyze_path(args.path, args.out, _overrides(args), max_samples=args.samples,
                                   tsne_samples=args.tsne_samples)
             result = {'report': result['files'][0]}
+        elif args.command == 'recipes':
+            _print_recipes(list_recipes(args.filter))
+            result = None
         elif args.command == 'compare':
             rows = [summarize_run(path) for path in args.run_dirs]
             print(json.dumps(rows, indent=2, ensure_ascii=False) if args.format == 'json' else format_comparison(rows))
@@ -198,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     if result:  # empty on the pipeline ranks other than 0
         _print_result(result)
     return 0
+
+
+def _print_recipes(recipes: list[Recipe]) -> None:
+    width = max((len(r.name) for r in recipes), default=0)
+    paper = max((len(r.paper) for r in recipes), default=0)
+    for r in recipes:
+        print(f'{r.name:<{width}}  {r.paper or "-":<{paper}}  {r.title}')
 
 
 def _print_result(result: dict[str, Any]) -> None:

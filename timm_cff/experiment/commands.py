@@ -20,12 +20,13 @@ from torch import nn
 from ..analysis import analyze
 from ..data import BatchAugment, ImageLoader
 from ..export import METADATA_FILE, export_model, load_encoder
+from ..families import describe_model
 from ..methods import NonFiniteLossError
 from ..metrics import evaluate_accuracy, first_view
 from ..timing import time_inference
-from .build import RunSetup, check_train_keys, data_config, resolve_device
+from .build import RunSetup, check_train_keys, data_config, launched_by_torchrun, resolve_device
 from .config import Config, apply_overrides, check_values
-from .data import PreparedData, create_loaders, prepare_data
+from .data import create_loaders, prepare_data
 from .fit import fit_stage1
 from .progress import Progress
 from .rundir import DATASET_FILE, NONFINITE_FILE, RunDir
@@ -43,7 +44,7 @@ def _finish(cfg: Config, run: RunDir, setup: RunSetup, summary: dict, progress: 
     if cfg.run.export and not setup.is_ff:
         try:
             export_model(setup.model, run.export_path, data_config=data_config(setup.data),
-                         metadata=_metadata(cfg, setup, test=summary['test']))
+                         label_names=_label_names(setup), metadata=_metadata(cfg, setup, test=summary['test']))
             summary['export'] = str(run.export_path)
         except (TypeError, ValueError) as e:  # an MLP or a patch-ReLU ViT is no stock timm model
             _logger.warning('No timm export: %s Its weights are in %s.', e, run.checkpoint_path('final'))
@@ -55,9 +56,12 @@ def _finish(cfg: Config, run: RunDir, setup: RunSetup, summary: dict, progress: 
     return summary
 
 
-def _dataset_record(data: PreparedData) -> dict[str, Any]:
-    return {'num_classes': data.num_classes,
-            'num_images': {k: len(getattr(data, k)) for k in ('train', 'val', 'test')}}
+def _dataset_record(setup: RunSetup) -> dict[str, Any]:
+    """What ``timm-cff compare`` reports of a run before its summary: the data sizes and the model as built."""
+    data = setup.data
+    return {'num_classes': data.num_classes, 'num_images': {k: len(getattr(data, k)) for k in ('train', 'val', 'test')},
+            'model': describe_model(setup.model),
+            'architecture': getattr(setup.model, 'pretrained_cfg', {}).get('architecture', setup.cfg.model.name)}
 
 
 @contextlib.contextmanager
@@ -97,14 +101,14 @@ def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress:
               explicit_keys: set[str] = frozenset()) -> dict[str, Any]:
     """Run (or resume) the whole pipeline in ``run_path``; returns the summary written to ``summary.json``.
 
-    With ``pipeline.stages > 1`` every torchrun process calls this; stage 1 runs on all of them, the rest on rank 0
-    (the other ranks return an empty dict).
+    Under torchrun (a layer pipeline, data-parallel replicas, or both) every process calls this; stage 1 runs on all
+    of them, the rest on rank 0, which alone writes the run folder's shared files (the other ranks return ``{}``).
     """
     progress = progress or Progress()
     check_values(cfg)
     check_train_keys(cfg, explicit_keys)
     wall = time.perf_counter()
-    distributed = cfg.pipeline.stages > 1
+    distributed = cfg.pipeline.stages > 1 or launched_by_torchrun()
     if not distributed:
         _check_run_path(cfg, run_path, resume)
     setup = RunSetup(cfg, distributed)
@@ -118,7 +122,7 @@ def train_run(cfg: Config, run_path: str | Path, resume: bool = False, progress:
 
 def _train(cfg: Config, run: RunDir | None, run_path: str | Path, resume: bool, setup: RunSetup,
            progress: Progress, wall: float) -> dict[str, Any]:
-    distributed = cfg.pipeline.stages > 1
+    distributed = setup.distributed
     if distributed:  # rank 0 names and creates the folder, the others follow
         box = [str(run_path)]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -128,7 +132,7 @@ def _train(cfg: Config, run: RunDir | None, run_path: str | Path, resume: bool, 
         torch.distributed.barrier()
         progress = progress if setup.rank == 0 else Progress()
     if setup.rank == 0:  # what `timm-cff compare` reports of a run before it has a summary
-        run.write_json(DATASET_FILE, _dataset_record(setup.data))
+        run.write_json(DATASET_FILE, _dataset_record(setup))
     try:
         with _record_nonfinite(run, setup.rank, 'stage 1'):
             stage1 = fit_stage1(cfg, run, setup, progress)
@@ -144,7 +148,7 @@ def _train(cfg: Config, run: RunDir | None, run_path: str | Path, resume: bool, 
                'stop_reason': stage1['stop_reason'],
                'best_epoch': stage1['best_epoch'], 'best_val_loss': stage1['best_loss'],
                'selection_key': setup.trainer.selection_key, 'stage1_time_s': round(stage1['time_s'], 2),
-               'stage2': stage2, **_dataset_record(setup.data)}
+               'stage2': stage2, **_dataset_record(setup)}
     summary = _finish(cfg, run, setup, summary, progress)
     summary['wall_time_s'] = round(time.perf_counter() - wall, 2)
     run.write_json('summary.json', summary)
@@ -229,13 +233,19 @@ def export_run(run_path: str | Path, out: str | Path | None = None, checkpoint: 
                          f'Its weights are in {run.checkpoint_path(checkpoint)}.')
     setup.load(run, checkpoint)
     return export_model(setup.model.cpu(), out or run.export_path, data_config=data_config(setup.data),
-                        metadata=_metadata(cfg, setup, checkpoint=checkpoint))
+                        label_names=_label_names(setup), metadata=_metadata(cfg, setup, checkpoint=checkpoint))
+
+
+def _label_names(setup: RunSetup) -> list[str] | None:
+    """The dataset's class names, unless they are only the label numbers."""
+    names = list(setup.data.train.classes)
+    return None if names == [str(c) for c in range(len(names))] else names
 
 
 def _metadata(cfg: Config, setup: RunSetup, **extra: Any) -> dict[str, Any]:
     """What an export folder records beside the timm files (``timm_cff.json``): enough to evaluate and analyse it."""
-    return {'method': cfg.train.method, 'margins': getattr(setup.trainer, 'margins', None), 'data': vars(cfg.data),
-            **extra}
+    return {'method': cfg.train.method, 'model': describe_model(setup.model),
+            'margins': getattr(setup.trainer, 'margins', None), 'data': vars(cfg.data), **extra}
 
 
 def analyze_path(path: str | Path, out: str | Path | None = None, overrides: dict[str, Any] | None = None,

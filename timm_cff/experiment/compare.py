@@ -43,9 +43,12 @@ def method_label(cfg: Config) -> str:
     return f'{name} ({detail})' if detail else name
 
 
-def model_label(cfg: Config) -> str:
-    """``'MLP[500 3]'`` or ``'ViT[128 4 5]'`` (embed dim, heads, blocks), the paper's notation."""
+def model_label(cfg: Config, recorded: str | None = None) -> str:
+    """``'MLP[500 3]'`` or ``'ViT[128 4 5]'`` (embed dim, heads, blocks), the paper's notation: the one the run
+    recorded from its built model, else from the config (older runs, whose configs give every size)."""
     m = cfg.model
+    if recorded:
+        return recorded
     return f'MLP[{m.embed_dim} {m.depth}]' if m.name == 'mlp' else f'ViT[{m.embed_dim} {m.num_heads} {m.depth}]'
 
 
@@ -64,7 +67,7 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
     seconds = sum(float(r['time_s']) for r in epochs)
     name, variant = method_name(cfg)
     dataset = run.read_json(DATASET_FILE) if (run.path / DATASET_FILE).is_file() else {}
-    row = {'run': run.path.name, 'method': name, 'variant': variant, 'model': model_label(cfg),
+    row = {'run': run.path.name, 'method': name, 'variant': variant, 'model': model_label(cfg, dataset.get('model')),
            'dataset': Path(cfg.data.root).name if cfg.data.root else cfg.data.dataset,
            'train_images': dataset.get('num_images', {}).get('train'), 'epochs_run': len(epochs),
            'epochs': cfg.train.epochs, 'patience': cfg.train.patience, 'finished': False, 'stopped_early': False,

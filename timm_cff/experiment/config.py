@@ -1,7 +1,8 @@
 """Run configuration: a dataclass tree with defaults < YAML file < ``--section.key=value`` overrides.
 
-Defaults are the official CFF hyperparameters (cff-method.md §8) for CIFAR-10 ViT[128 4 5]; the comments say where
-a value comes from. A resolved config written by ``save_config`` is itself a valid ``--config``.
+Training defaults are the official CFF hyperparameters (cff-method.md §8); the comments say where a value comes
+from. The model's size is the timm model's own (``model.name``) unless a size field is given: every recipe gives
+its ViT[E H L] explicitly. A resolved config written by ``save_config`` is itself a valid ``--config``.
 """
 import dataclasses
 import types
@@ -12,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ..methods import get_method_info, list_methods
+from ..methods import SCHEDULES, get_method_info, list_methods
 
 __all__ = ['Config', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ProbeConfig', 'RunConfig', 'PipelineConfig',
            'ConfigError',
@@ -32,14 +33,16 @@ def opt(default: Any, help: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = opt('vit_tiny_patch16_224', "timm architecture (any VisionTransformer; the fields below override "
-                                           "it), or 'mlp' for MLP[E L] (embed_dim = E, depth = L)")
+    name: str = opt('vit_tiny_patch16_224', "timm architecture (any VisionTransformer, e.g. vit_small_patch16_224: "
+                                           "its own sizes unless the fields below are given), or 'mlp' for MLP[E L] "
+                                           "(embed_dim = E, depth = L)")
     img_size: int | None = opt(None, 'input size; None: the dataset image size')
-    patch_size: int = opt(4, 'patch size (4 for 32 px, 8 for 64 px: 64 tokens as in the paper)')
-    embed_dim: int = opt(128, 'E of ViT[E H L]')
-    num_heads: int = opt(4, 'H of ViT[E H L]')
-    depth: int = opt(5, 'L of ViT[E H L]: number of blocks = stages')
-    mlp_ratio: float = opt(2.0, 'MLP hidden size / E (official: 2)')
+    patch_size: int | None = opt(None, "patch size; None: the timm model's (recipes: 4 for 32 px, 8 for 64 px: "
+                                       '64 tokens as in the paper)')
+    embed_dim: int | None = opt(None, "E of ViT[E H L]; None: the timm model's")
+    num_heads: int | None = opt(None, "H of ViT[E H L]; None: the timm model's")
+    depth: int | None = opt(None, "L of ViT[E H L] (number of blocks = stages); None: the timm model's")
+    mlp_ratio: float | None = opt(None, "MLP hidden size / E; None: the timm model's (official CFF: 2)")
     global_pool: str = opt('avg', "pooling for the stage losses and the probe ('avg' = token mean, Eq. 13)")
     class_token: bool = opt(False, 'prepend a class token (the CFF ViT has none)')
     init: str = opt('torch', "'torch': PyTorch default init + pos_embed N(0, pos_embed_std) (official); 'timm'")
@@ -86,6 +89,13 @@ class TrainConfig:
     lr: float | None = opt(None, 'learning rate; None: the official value of the method (4e-3 per stage, bp 5e-4)')
     optimizer: str = opt('adamw', 'timm.optim name; adamw decays every parameter as the official code')
     weight_decay: float = opt(0.01, 'weight decay (official 0.01 on all parameters)')
+    sched: str = opt('constant', f'LR schedule per epoch: {" | ".join(SCHEDULES)} (timm.scheduler; official: '
+                                 'constant)')
+    warmup_epochs: int = opt(0, 'epochs of linear warmup from train.warmup_lr to train.lr')
+    warmup_lr: float = opt(1e-5, 'LR at the start of the warmup')
+    min_lr: float = opt(0.0, 'lowest LR of cosine / tanh / poly')
+    decay_epochs: float = opt(90, "step: epochs between decays")
+    decay_rate: float = opt(0.1, 'step: LR factor at each decay')
     loss: str = opt('marginal_supcon', 'stage loss (timm_cff.list_losses())')
     temperature: float = opt(0.15, 'contrastive temperature (official 0.15)')
     margin_schedule: str = opt('linear', 'linear | parabolic | cosine | exponential')
@@ -109,6 +119,9 @@ class ProbeConfig:
     epochs: int = opt(50, 'linear-probe epochs (official 50); ff family: the one-pass head; bp: unused')
     lr: float = opt(5e-4, 'probe learning rate (official 5e-4)')
     weight_decay: float = opt(0.01, 'probe weight decay (official 0.01)')
+    sched: str = opt('constant', f'probe LR schedule: {" | ".join(SCHEDULES)} (official: constant)')
+    warmup_epochs: int = opt(0, 'probe warmup epochs (from 1e-5)')
+    min_lr: float = opt(0.0, 'lowest probe LR of cosine / tanh / poly')
 
 
 @dataclass
@@ -155,12 +168,15 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     'train.epochs': (1, None, True), 'train.patience': (1, None, True), 'train.lr': (0, None, False),
     'train.weight_decay': (0, None, True), 'train.temperature': (0, None, False), 'train.m0': (0, 1, True),
     'train.m_last': (0, 1, True), 'train.num_views': (1, None, True), 'train.alpha': (0, None, False),
-    'train.max_steps': (1, None, True),
+    'train.max_steps': (1, None, True), 'train.warmup_epochs': (0, None, True), 'train.warmup_lr': (0, None, True),
+    'train.min_lr': (0, None, True), 'train.decay_epochs': (0, None, False), 'train.decay_rate': (0, None, False),
     'probe.epochs': (0, None, True), 'probe.lr': (0, None, False), 'probe.weight_decay': (0, None, True),
+    'probe.warmup_epochs': (0, None, True), 'probe.min_lr': (0, None, True),
     'pipeline.stages': (1, None, True), 'pipeline.max_in_flight': (1, None, True), 'pipeline.timeout_s': (0, None, False),
 }
 _CHOICES = {'train.select_on': ('last', 'sum'), 'train.autocast': (None, 'float32', 'bfloat16', 'float16'),
-            'model.init': ('torch', 'timm'), 'model.patch_act': ('', 'relu')}
+            'model.init': ('torch', 'timm'), 'model.patch_act': ('', 'relu'), 'train.sched': SCHEDULES,
+            'probe.sched': SCHEDULES}
 _UPPER_INCLUSIVE = {'data.ra_magnitude', 'data.data_fraction', 'train.m0', 'train.m_last'}
 
 
@@ -179,7 +195,9 @@ def check_values(config: 'Config') -> None:
             hi = '' if high is None else f'{"<=" if key in _UPPER_INCLUSIVE else "<"} {high}'
             raise ConfigError(f'{key} must be {" and ".join(filter(None, (lo, hi)))}, got {value!r}.')
     m, r = config.model, config.run
-    if m.name != 'mlp' and m.embed_dim % m.num_heads:
+    if m.name == 'mlp' and (m.embed_dim is None or m.depth is None):
+        raise ConfigError('model.name=mlp needs model.embed_dim (E) and model.depth (L) of MLP[E L].')
+    if m.name != 'mlp' and m.embed_dim and m.num_heads and m.embed_dim % m.num_heads:
         raise ConfigError(f'model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}.')
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in r.topk) or not r.topk:
         raise ConfigError(f'run.topk must be a list of positive integers, got {r.topk!r}.')

@@ -50,11 +50,14 @@ class MetricsRow(Callback):
 
     def __init__(self, trainer: Any):
         self.trainer = trainer
+        self.lr = None
+
+    def on_epoch_start(self, epoch: int, steps: int | None) -> None:
+        self.lr = self.trainer.optimizers[0].param_groups[0]['lr']  # the LR this epoch trains with (stage 1's)
 
     def on_epoch_end(self, result: EpochResult) -> None:
         result.state.setdefault('rows', []).append({
-            'epoch': result.epoch, 'time_s': round(result.seconds, 3),
-            'lr': self.trainer.optimizers[0].param_groups[0]['lr'],
+            'epoch': result.epoch, 'time_s': round(result.seconds, 3), 'lr': self.lr,
             **{f'train_{k}': v for k, v in result.train.items()}, **{f'val_{k}': v for k, v in result.val.items()}})
 
 

@@ -28,6 +28,7 @@ import torch
 
 from ..analysis.history import current_column
 from ..files import atomic_write, stray_temporaries
+from ..methods import EPOCH_LENGTH_SCHEDULES
 from .config import Config, ConfigError, config_to_dict, flatten, load_config, save_config
 
 __all__ = ['RunDir', 'CheckpointError', 'RunInUseError', 'environment', 'DATASET_FILE', 'NONFINITE_FILE']
@@ -187,12 +188,17 @@ class RunDir:
         """Refuse to resume with a config that differs from the saved one, except ``RESUMABLE_CHANGES`` (and
         ``AFTER_NONFINITE`` once a run stopped on a NaN/inf).
 
-        ``train.epochs`` and ``train.patience`` may change: learning rates are constant and every epoch is seeded
-        by its index, so a run extended from N to M epochs (or given more patience) continues exactly as a run
-        started with those settings would have. The new values are saved, so a later plain ``--resume`` keeps them.
+        ``train.epochs`` and ``train.patience`` may change: every epoch is seeded by its index and the learning
+        rate is constant or follows a schedule that does not depend on the run length (``train.sched`` constant or
+        step), so a run extended from N to M epochs (or given more patience) continues exactly as a run started
+        with those settings would have. The new values are saved, so a later plain ``--resume`` keeps them.
         """
         may_differ = self.RESUMABLE_CHANGES + (self.AFTER_NONFINITE if self.stopped_nonfinite else ())
         changes = self._changes(config)
+        if 'train.epochs' in changes and config.train.sched in EPOCH_LENGTH_SCHEDULES:
+            raise ConfigError(f'Cannot resume {self.path} with train.epochs {changes["train.epochs"][0]} -> '
+                              f'{changes["train.epochs"][1]}: the {config.train.sched} schedule is laid out over '
+                              'train.epochs, so its earlier epochs would not match; start a new run.')
         changed = [k for k in changes if k not in may_differ]
         if changed:
             details = '; '.join(f'{k}: {changes[k][0]!r} -> {changes[k][1]!r}' for k in changed[:5])

@@ -2,7 +2,7 @@
 model, then test top-k of every way the method predicts."""
 from typing import Any
 
-from ..methods import train_one_pass_head
+from ..methods import schedule, train_one_pass_head
 from ..metrics import evaluate_accuracy
 from ..probe import train_linear_probe
 from .build import RunSetup, seed_all
@@ -29,7 +29,9 @@ def fit_stage2(cfg: Config, run: RunDir, setup: RunSetup, progress: Progress) ->
         progress.update(bar, metrics, advance=True)
 
     (run.path / 'probe.csv').unlink(missing_ok=True)
-    kwargs = dict(epochs=cfg.probe.epochs, lr=cfg.probe.lr, weight_decay=cfg.probe.weight_decay, on_epoch=on_epoch)
+    p = cfg.probe
+    kwargs = dict(epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, on_epoch=on_epoch,
+                  scheduler=schedule(p.sched, p.epochs, warmup_epochs=p.warmup_epochs, min_lr=p.min_lr))
     if setup.is_ff:
         setup.classifier, result = train_one_pass_head(setup.trainer, loaders['probe_train'], loaders['probe_val'],
                                                        **kwargs)

@@ -3,6 +3,7 @@ from .base import HEAD_MODULES as HEAD_MODULES
 from .base import StageAdapter as StageAdapter
 from .base import FamilyInfo as FamilyInfo
 from .base import create_stages as create_stages
+from .base import describe_model as describe_model
 from .base import get_family as get_family
 from .base import list_families as list_families
 from .base import register_stages as register_stages
@@ -18,6 +19,6 @@ from .vit import VitLabelToken as VitLabelToken
 from .vit import VitStages as VitStages
 from .vit import init_official_ as init_official_
 
-__all__ = ['FamilyInfo', 'get_family', 'list_families', 'HEAD_MODULES', 'StageAdapter', 'create_stages', 'register_stages', 'LabelledStages',
+__all__ = ['FamilyInfo', 'get_family', 'list_families', 'HEAD_MODULES', 'StageAdapter', 'create_stages', 'describe_model', 'register_stages', 'LabelledStages',
            'create_labelled_stages', 'draw_negative_labels', 'register_labelled_stages', 'MLP', 'MlpOneHotLabel',
            'MlpStages', 'create_mlp', 'VitLabelToken', 'VitStages', 'init_official_']

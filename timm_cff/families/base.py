@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ..registry import Registry
 
-__all__ = ['StageAdapter', 'FamilyInfo', 'create_stages', 'register_stages', 'get_family', 'list_families',
+__all__ = ['StageAdapter', 'FamilyInfo', 'create_stages', 'describe_model', 'register_stages', 'get_family', 'list_families',
            'HEAD_MODULES', 'UNOWNED_MODULES']
 
 #: Modules after the last stage, trained by the linear probe (timm's classifier path with ``global_pool='avg'``).
@@ -41,6 +41,10 @@ class StageAdapter:
     def pool(self, h: Tensor) -> Tensor:
         """A stage output reduced to one feature vector per sample: ``[B, ...] -> [B, D]``."""
         raise NotImplementedError
+
+    def describe(self) -> str:
+        """The paper's name of the architecture, e.g. ``'ViT[128 4 5]'`` (E H L) or ``'MLP[500 3]'`` (E L)."""
+        return f'{type(self.model).__name__}[{self.num_stages} stages]'
 
     def compile(self, **kwargs) -> None:
         """Optional: run ``forward_stage`` through ``torch.compile`` (``kwargs`` go to it); the model is unchanged."""
@@ -101,3 +105,8 @@ def list_families(filter: str = '') -> list[str]:
 def create_stages(model: nn.Module) -> StageAdapter:
     """The stage adapter for ``model``; ``TypeError`` naming the supported families otherwise."""
     return get_family(model).stages_class(model)
+
+
+def describe_model(model: nn.Module) -> str:
+    """``'ViT[E H L]'`` / ``'MLP[E L]'``: the architecture as the paper names it (``StageAdapter.describe``)."""
+    return create_stages(model).describe()

@@ -107,6 +107,9 @@ class MlpStages(StageAdapter):
         self.model = model
         self.num_stages = len(model.layers)
 
+    def describe(self) -> str:
+        return f'MLP[{self.model.embed_dim} {self.num_stages}]'
+
     def embed(self, x: Tensor) -> Tensor:
         """Inputs ``[B, ...] -> [B, in_features]``."""
         return self.model.flatten(x)

@@ -64,6 +64,9 @@ class VitStages(StageAdapter):
             raise ValueError('The model has no transformer blocks to train.')
         self._check_ownership()
 
+    def describe(self) -> str:
+        return f'ViT[{self.model.embed_dim} {self.model.blocks[0].attn.num_heads} {self.num_stages}]'
+
     def embed(self, x: Tensor) -> Tensor:
         """Images ``[B, C, H, W]`` -> tokens ``[B, N, D]``: everything ``forward_features`` does before the blocks."""
         m = self.model

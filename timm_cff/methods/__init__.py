@@ -6,9 +6,12 @@ comparison tables.
 registers itself (``register_method``) with a ``MethodInfo``; every list of methods is derived from the registry.
 Every trainer speaks the same ``TrainerBase`` protocol, so one run loop drives any method unchanged.
 """
+from .base import EPOCH_LENGTH_SCHEDULES as EPOCH_LENGTH_SCHEDULES
 from .base import NonFiniteLossError as NonFiniteLossError
+from .base import SCHEDULES as SCHEDULES
 from .base import StageOptimizers as StageOptimizers
 from .base import TrainerBase as TrainerBase
+from .base import schedule as schedule
 from .base import split_batch as split_batch
 from .registry import MethodInfo as MethodInfo
 from .registry import create_trainer as create_trainer
@@ -21,6 +24,6 @@ from .bp import BackpropTrainer as BackpropTrainer
 from .head import OnePassClassifier as OnePassClassifier
 from .head import train_one_pass_head as train_one_pass_head
 
-__all__ = ['NonFiniteLossError', 'StageOptimizers', 'TrainerBase', 'split_batch', 'MethodInfo', 'create_trainer',
+__all__ = ['EPOCH_LENGTH_SCHEDULES', 'SCHEDULES', 'schedule', 'NonFiniteLossError', 'StageOptimizers', 'TrainerBase', 'split_batch', 'MethodInfo', 'create_trainer',
            'get_method_info', 'list_methods', 'register_method', 'LocalTrainer', 'ForwardForwardTrainer',
            'BackpropTrainer', 'OnePassClassifier', 'train_one_pass_head']

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from ..loop import MeanMeter
 
 __all__ = ['TrainerBase', 'StageOptimizers', 'NonFiniteLossError', 'split_batch', 'check_views', 'batch_views',
-           'stage_key', 'name_by_stage', 'build_optimizer', 'build_scheduler', 'resolve_autocast_dtype']
+           'stage_key', 'name_by_stage', 'build_optimizer', 'build_scheduler', 'schedule', 'SCHEDULES',
+           'EPOCH_LENGTH_SCHEDULES', 'resolve_autocast_dtype']
 
 _logger = logging.getLogger(__name__)
 
@@ -88,6 +89,25 @@ def build_optimizer(params: list[nn.Parameter], optimizer: Any, lr: float, weigh
 def build_scheduler(optimizer: torch.optim.Optimizer, kwargs: dict):
     from timm.scheduler import create_scheduler_v2
     return create_scheduler_v2(optimizer, **kwargs)[0]
+
+
+#: LR schedules by name: ``constant`` (official) and the epoch-stepped ones of ``timm.scheduler``.
+SCHEDULES = ('constant', 'cosine', 'tanh', 'step', 'poly')
+#: Schedules whose shape depends on the number of epochs (a resumed run cannot change it).
+EPOCH_LENGTH_SCHEDULES = ('cosine', 'tanh', 'poly')
+
+
+def schedule(sched: str = 'constant', epochs: int = 1, *, warmup_epochs: int = 0, warmup_lr: float = 1e-5,
+             min_lr: float = 0.0, decay_epochs: float = 90, decay_rate: float = 0.1) -> dict | None:
+    """``create_scheduler_v2`` kwargs of a per-epoch schedule over ``epochs`` epochs, or ``None`` for a constant LR
+    without warmup (the official protocol). ``constant`` with warmup is timm's ``step`` with ``decay_rate=1``."""
+    if sched not in SCHEDULES:
+        raise ValueError(f'Unknown schedule {sched!r}; use one of {", ".join(SCHEDULES)}.')
+    if sched == 'constant' and not warmup_epochs:
+        return None
+    return dict(sched='step' if sched == 'constant' else sched, num_epochs=epochs, warmup_epochs=warmup_epochs,
+                warmup_lr=warmup_lr, min_lr=min_lr, decay_epochs=decay_epochs,
+                decay_rate=1.0 if sched == 'constant' else decay_rate, cooldown_epochs=0)
 
 
 _AUTOCAST_DTYPES = {None: None, 'float32': None, torch.float32: None, 'bfloat16': torch.bfloat16,
@@ -184,22 +204,42 @@ class StageOptimizers:
             sched.step(epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        """``{'optimizers': [...], 'schedulers': [...]}``, plus ``'scaler'`` under float16 autocast."""
+        """``{'optimizers': [...], 'schedulers': [...]}``, plus ``'scaler'`` under float16 autocast. The schedulers'
+        states are a record; a resume recomputes them (``resume_schedule``)."""
         return {'optimizers': [opt.state_dict() for opt in self.optimizers],
                 'schedulers': [sched.state_dict() for sched in self.schedulers],
                 **({'scaler': self.scaler.state_dict()} if self.scaler else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load ``state_dict()``'s entries; ``ValueError`` (before anything changes) for another number of stages."""
+        """Load ``state_dict()``'s optimizer moments and scaler; ``ValueError`` (before anything changes) for another
+        number of stages. The learning rates stay those this run was built with, and the schedulers are not
+        loaded: ``resume_schedule`` recomputes them from the epoch (see there)."""
         if len(state['optimizers']) != len(self.optimizers):
             raise ValueError(f'The checkpoint has {len(state["optimizers"])} stage optimizers, this trainer has '
                              f'{len(self.optimizers)}; it belongs to a model of another depth or another method.')
-        for opt, opt_state in zip(self.optimizers, state['optimizers']):
-            opt.load_state_dict(opt_state)
-        for sched, sched_state in zip(self.schedulers, state.get('schedulers', [])):
-            sched.load_state_dict(sched_state)
+        for index, opt_state in enumerate(state['optimizers']):
+            self.load_optimizer(index, opt_state)
         if self.scaler and 'scaler' in state:
             self.scaler.load_state_dict(state['scaler'])
+
+    def load_optimizer(self, index: int, state: dict[str, Any]) -> None:
+        """Stage ``index``'s optimizer state, keeping its configured learning rate (``lr`` and timm's
+        ``initial_lr``): a run resumed with a new ``train.lr`` (after a non-finite stop) really uses it."""
+        optimizer = self.optimizers[index]
+        configured = [{k: g[k] for k in ('lr', 'initial_lr') if k in g} for g in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+        for group, lrs in zip(optimizer.param_groups, configured):
+            group.update(lrs)
+
+    def resume_schedule(self, epoch: int, num_updates: int) -> None:
+        """Put every scheduler where an uninterrupted run is after ``epoch`` epochs and ``num_updates`` updates.
+
+        A timm schedule is a function of the epoch (or update) and its settings, so recomputing it is exact, and it
+        follows the run's own settings rather than a checkpoint's copy of them.
+        """
+        for sched in self.schedulers:
+            sched.step(epoch)
+            sched.step_update(num_updates=num_updates)
 
 
 # ------------------------------------------------------------------------------------------------ the protocol
@@ -306,3 +346,4 @@ class TrainerBase:
         self.model.load_state_dict(state['model'])
         self.num_updates = state['num_updates']
         self.epoch = state.get('epoch', 0)
+        self.stage_optimizers.resume_schedule(self.epoch, self.num_updates)

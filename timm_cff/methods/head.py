@@ -67,18 +67,19 @@ def train_one_pass_head(
         epochs: int = 50,
         lr: float = 5e-4,
         weight_decay: float = 0.01,
+        scheduler: dict | None = None,
         norm: bool = False,
         on_epoch=None,
 ) -> tuple[OnePassClassifier, ProbeResult]:
     """Train the one-pass head of an FF-trained model (after stage 1, on its frozen encoder).
 
     Same protocol as the CFF probe (``train_linear_probe``): AdamW lr 5e-4, wd 0.01, 50 epochs, the epoch with the
-    best validation cross-entropy kept.
+    best validation cross-entropy kept; ``scheduler`` as there.
 
     Returns:
         The classifier (its ``head`` holds the best epoch) and the probe's ``ProbeResult``.
     """
     classifier = OnePassClassifier.from_trainer(trainer, norm)
     result = train_linear_probe(classifier, train_loader, val_loader, epochs=epochs, lr=lr,
-                                weight_decay=weight_decay, reinit=False, on_epoch=on_epoch)
+                                weight_decay=weight_decay, scheduler=scheduler, reinit=False, on_epoch=on_epoch)
     return classifier, result

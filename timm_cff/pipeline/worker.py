@@ -186,10 +186,9 @@ class PipelineWorker(GroupedTrainer):
             raise ValueError(f'The checkpoint lacks {sorted(missing)[:5]}; it belongs to another model.')
         t.model.load_state_dict(state['model'], strict=False)
         for i in stages:
-            t.optimizers[i].load_state_dict(state['optimizers'][i])
-            if t.schedulers:
-                t.schedulers[i].load_state_dict(state['schedulers'][i])
+            t.stage_optimizers.load_optimizer(i, state['optimizers'][i])
         t.num_updates, t.epoch = state['num_updates'], state['epoch']
+        t.stage_optimizers.resume_schedule(t.epoch, t.num_updates)
 
     def _owned_keys(self) -> set[str]:
         """State-dict keys of this group's stages (and of the stage-less rest, for the last group)."""
