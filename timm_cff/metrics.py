@@ -3,17 +3,17 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.utils import AverageMeter
 from torch import Tensor, nn
 
 __all__ = ['accuracy', 'evaluate_accuracy', 'first_view']
 
 
 def accuracy(logits: Tensor, target: Tensor, topk: Sequence[int] = (1,)) -> list[float]:
-    """Top-k accuracies in percent of ``logits [B, C]`` against ``target [B]``; k is capped at C (as timm does)."""
-    maxk = min(max(topk), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices  # [B, maxk]
-    correct = pred.eq(target[:, None])  # [B, maxk]
-    return [float(correct[:, :min(k, maxk)].any(dim=1).float().mean() * 100) for k in topk]
+    """Top-k accuracies in percent of ``logits [B, C]`` against ``target [B]`` (``timm.utils.accuracy``: k is
+    capped at C), as floats."""
+    from timm.utils import accuracy as timm_accuracy
+    return [float(acc) for acc in timm_accuracy(logits, target, topk=tuple(topk))]
 
 
 def first_view(inputs: Tensor | Sequence[Tensor]) -> Tensor:
@@ -36,15 +36,15 @@ def evaluate_accuracy(model: nn.Module | Callable[[Tensor], Tensor], loader: Ite
     if module is not None:
         module.eval()
         device = device or next(module.parameters()).device
-    loss_sum, correct, count = 0.0, torch.zeros(len(topk)), 0
+    meters = {name: AverageMeter() for name in ('loss', *(f'top{k}' for k in topk))}  # per-sample means
     for inputs, labels in loader:
         x, y = first_view(inputs).to(device or 'cpu'), labels.to(device or 'cpu')
         logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction='sum'))
-        correct += torch.tensor(accuracy(logits, y, topk)) * len(y)
-        count += len(y)
+        values = [float(F.cross_entropy(logits, y)), *accuracy(logits, y, topk)]
+        for meter, value in zip(meters.values(), values):
+            meter.update(value, len(y))
     if module is not None:
         module.train(was_training)
-    if count == 0:
+    if meters['loss'].count == 0:
         raise ValueError('The loader yielded no batches.')
-    return {'loss': loss_sum / count, **{f'top{k}': float(c / count) for k, c in zip(topk, correct)}}
+    return {name: meter.avg for name, meter in meters.items()}

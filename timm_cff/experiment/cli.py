@@ -158,8 +158,11 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 
 def _setup_logging(quiet: bool, lead: bool = True) -> None:
     """INFO (WARNING when quiet) on the lead process; under torchrun the other ranks report errors only."""
+    from timm.utils.log import FormatterNoInfo  # timm's console format: INFO lines plain, others 'LEVEL: ...'
     level = (logging.WARNING if quiet else logging.INFO) if lead else logging.ERROR
-    logging.basicConfig(level=level, format='%(message)s', force=True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(FormatterNoInfo())
+    logging.basicConfig(level=level, handlers=[handler], force=True)  # as timm's setup_default_logging, repeatable
 
 
 def _apply(overrides: dict[str, Any]):
