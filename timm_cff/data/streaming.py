@@ -59,7 +59,12 @@ def read_source(source: Any, index: int, channels: int) -> Tensor:
         with handle:
             data = handle.read()
         return _decode_bytes(data, f'image {index} of {getattr(source.reader, "root", None) or "the dataset"}')
-    return _pil_to_uint8(source[index][0], channels)
+    try:
+        image = source[index][0]
+    except (OSError, ValueError) as e:  # PIL's errors on a damaged file (Places365, iNaturalist)
+        raise DataError(f'image {index} of {type(source).__name__} under {getattr(source, "root", "?")} is not '
+                        f'readable ({str(e).splitlines()[0][:120]}); repair or remove it.') from None
+    return _pil_to_uint8(image, channels)
 
 
 class ImageStream(Dataset):
