@@ -1,19 +1,25 @@
-"""``ImageLoader``: (views, labels) batches of an in-memory uint8 dataset, augmented in batches on the device.
+"""``ImageLoader``: (views, labels) batches of a uint8 dataset, augmented in batches on the device.
 
 The per-image work the official pipeline does in DataLoader workers (crop, flip, normalise, twice per image) is
 done here on a whole batch with tensor ops, so data loading never dominates a step. RandAugment, which is
 per-image by nature, runs per sample on uint8 tensors (optionally in DataLoader workers) before the batched part.
 Every random draw depends only on (seed, epoch, sample), so results do not depend on the number of workers.
+
+An in-memory dataset (``ArrayDataset``) lives on the device and a batch is an index operation there; a streamed one
+(``StreamDataset``) is decoded image by image in DataLoader workers. Both take the same permutation and the same
+augmentation draws, so the same images give the same batches, bit for bit, whichever way they are held.
 """
+import functools
 import math
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .augment import BatchAugment
 from .sources import ArrayDataset
+from .streaming import StreamDataset, decode_batches
 
 __all__ = ['ImageLoader']
 
@@ -39,7 +45,8 @@ class ImageLoader:
     Without random augmentation the V views are one tensor object repeated, which ``LocalTrainer`` runs once.
 
     Args:
-        data: the images (uint8 ``[N, C, H, W]``) and labels.
+        data: the images and labels: in memory (``ArrayDataset``, uint8 ``[N, C, H, W]``) or streamed
+            (``StreamDataset``, decoded in ``workers``).
         batch_size: samples per batch; the last batch may be smaller (official: no drop_last).
         augment: the batched crop/flip/normalise transform.
         num_views: independent augmentations per image (2 for CFF).
@@ -47,14 +54,14 @@ class ImageLoader:
         seed: base seed of the shuffling and augmentation draws; ``set_epoch`` mixes in the epoch.
         device: where batches are augmented and returned.
         randaugment: optional per-image transform on uint8 ``[C, H, W]`` applied before ``augment``.
-        workers: DataLoader workers for ``randaugment``.
+        workers: DataLoader workers for ``randaugment`` and for decoding a streamed dataset.
         shard: ``(index, count)``: yield only part ``index`` of ``count`` of every batch (data-parallel replicas
             share one permutation and the global batch's augmentation draws, and split each global batch: the
             replicas' parts together are exactly the one-process batch).
     """
 
-    def __init__(self, data: ArrayDataset, batch_size: int, augment: BatchAugment, *, num_views: int = 1,
-                 shuffle: bool = False, seed: int = 0, device: torch.device | str = 'cpu',
+    def __init__(self, data: ArrayDataset | StreamDataset, batch_size: int, augment: BatchAugment, *,
+                 num_views: int = 1, shuffle: bool = False, seed: int = 0, device: torch.device | str = 'cpu',
                  randaugment: Callable[[Tensor], Tensor] | None = None, workers: int = 0,
                  shard: tuple[int, int] = (0, 1)):
         if batch_size < 1:
@@ -65,8 +72,11 @@ class ImageLoader:
         self.randaugment, self.workers = randaugment, workers
         self.shard = shard
         self.epoch = 0
-        # Small datasets live on the accelerator once, so a batch is an index operation there.
-        self._x = data.x if randaugment is not None else data.x.to(self.device)
+
+    @functools.cached_property
+    def _x(self) -> Tensor:
+        """Small datasets live on the accelerator once, so a batch is an index operation there."""
+        return self.data.x.to(self.device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.data) / self.batch_size)
@@ -91,14 +101,20 @@ class ImageLoader:
 
     def _raw_batches(self, batches: list[Tensor]) -> Iterator[Tensor]:
         """uint8 ``[B, C, H, W]`` (shared by the views) or ``[B, V, C, H, W]`` (per-view RandAugment)."""
-        if self.randaugment is None:
+        if self.randaugment is None and isinstance(self.data.x, Tensor):
             for index in batches:
                 yield self._x[index.to(self._x.device)]
             return
-        dataset = _RandAugmentViews(self.data.x, self.randaugment, self.num_views, self._epoch_seed())
-        loader = DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], num_workers=self.workers,
-                            pin_memory=self.device.type == 'cuda')
-        yield from loader
+        dataset: Dataset = self.data.x  # an ImageStream: decoded per image
+        if self.randaugment is not None:
+            dataset = _RandAugmentViews(self.data.x, self.randaugment, self.num_views, self._epoch_seed())
+        per_view = (self.num_views,) if self.randaugment is not None else ()
+        # a replica's share of a last batch smaller than the replica count may be empty
+        empty = torch.empty((0, *per_view, *self.data.image_shape), dtype=torch.uint8)
+        decoded = decode_batches(dataset, [b.tolist() for b in batches if len(b)], self.workers,
+                                 pin_memory=self.device.type == 'cuda')
+        for index in batches:
+            yield next(decoded) if len(index) else empty
 
     def __iter__(self) -> Iterator[tuple[Tensor | tuple[Tensor, ...], Tensor]]:
         generator = torch.Generator().manual_seed(self._epoch_seed())

@@ -2,6 +2,7 @@
 
 Every source returns ``ArrayDataset(x uint8 [N, C, H, W], y int64 [N], classes)``; the loaders augment batches of it
 on the training device, so small datasets (CIFAR, MNIST, Tiny ImageNet at 1.2 GB) never wait on per-image decoding.
+Datasets too large for memory are streamed instead (``streaming.py``, ``named.py``).
 """
 import logging
 import os
@@ -13,8 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ['ArrayDataset', 'load_dataset', 'resolve_root', 'DATASET_DEFAULTS', 'list_datasets', 'DataError',
-           'prepare_tiny_imagenet']
+from .resize import fit_image
+
+__all__ = ['DATASET_DEFAULTS', 'ArrayDataset', 'DataError', 'folder_splits', 'image_folder', 'list_datasets',
+           'load_dataset', 'prepare_tiny_imagenet', 'read_image', 'resolve_root']
 
 _logger = logging.getLogger(__name__)
 
@@ -48,6 +51,11 @@ class ArrayDataset:
 
     def subset(self, index: Tensor) -> 'ArrayDataset':
         return ArrayDataset(self.x[index], self.y[index], self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of every image."""
+        return tuple(self.x.shape[1:])
 
 
 def list_datasets() -> list[str]:
@@ -141,26 +149,83 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[ArrayDatas
     return out[0], out[1]
 
 
-def _decode_folder(folder: Path, classes: list[str] | None = None) -> ArrayDataset:
-    """Every image of an ImageFolder tree, decoded once to uint8 (they must share one size)."""
-    from torchvision.datasets import ImageFolder
+def read_image(path: str | Path) -> Tensor:
+    """The image file at ``path`` as uint8 RGB ``[3, H, W]`` (torchvision's decoder); a file that does not decode is
+    named."""
     from torchvision.io import ImageReadMode, decode_image
+    try:
+        return decode_image(str(path), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise DataError(f'{path} is not a readable image ({str(e).splitlines()[0][:120]}); repair or remove '
+                        'it.') from None
+
+
+def image_folder(folder: Path, classes: list[str] | None = None):
+    """torchvision's ``ImageFolder`` of ``folder`` (class = top-level sub-folder, files found recursively, so Tiny
+    ImageNet's ``train/<wnid>/images/*.JPEG`` keeps its 200 classes); a test split must name the training classes."""
+    from torchvision.datasets import ImageFolder
     if not folder.is_dir():
         raise DataError(f'Image folder {folder} does not exist; a folder dataset needs <root>/<split>/<class>/*.jpg.')
-    tree = ImageFolder(str(folder), loader=lambda p: p)
+    try:
+        tree = ImageFolder(str(folder), loader=str)
+    except (FileNotFoundError, OSError) as e:
+        raise DataError(f'{folder}: {e}; a folder dataset needs <root>/<split>/<class>/*.jpg.') from None
     if classes is not None and tree.classes != classes:
         raise DataError(f'{folder} has classes {tree.classes[:5]}..., the training split has {classes[:5]}...')
-    images = []
-    for path, _ in tree.samples:
-        try:
-            images.append(decode_image(path, mode=ImageReadMode.RGB))
-        except (RuntimeError, ValueError, OSError) as e:
-            raise DataError(f'{path} is not a readable image ({str(e).splitlines()[0][:120]}); repair or remove '
-                            'it.') from None
-    sizes = {tuple(im.shape) for im in images}
-    if len(sizes) != 1:
-        raise DataError(f'Images in {folder} have several sizes {sorted(sizes)[:3]}; resize them to one size first.')
-    return ArrayDataset(torch.stack(images), torch.tensor(tree.targets, dtype=torch.int64), tree.classes)
+    return tree
+
+
+def folder_splits(root: Path, train_split: str, test_split: str) -> tuple[Path, Path]:
+    """The training and test folders of an ImageFolder dataset: ``<root>/<train_split>`` and the first of
+    ``test_split``, ``validation``, ``val`` that exists (ImageNet / Hugging Face names)."""
+    if not root.is_dir():
+        raise DataError(f'Image folder {root} does not exist; a folder dataset needs <root>/<split>/<class>/*.jpg.')
+    if not (root / test_split).exists() and (root / 'val' / 'val_annotations.txt').is_file():
+        prepare_tiny_imagenet(root, test_split)  # Tiny ImageNet ships its val split unsorted
+    if not (root / train_split).is_dir():
+        raise DataError(f'{root} has no training split folder {train_split!r}; a folder dataset needs '
+                        '<root>/<train_split>/<class>/*.jpg (set data.train_split).')
+    candidates = list(dict.fromkeys((test_split, 'validation', 'val')))
+    for split in candidates:
+        if (root / split).is_dir():
+            return root / train_split, root / split
+    raise DataError(f'{root} has no test split: none of {", ".join(candidates)} is a folder there; set '
+                    'data.test_split.')
+
+
+def _memory_bytes() -> int:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def _decode_folder(folder: Path, classes: list[str] | None = None, size: int | None = None) -> ArrayDataset:
+    """Every image of an ImageFolder tree, decoded once to uint8 ``[N, 3, H, W]``. With ``size`` every image that is
+    not ``size x size`` is resized and centre-cropped to it (``fit_image``); without, they must share one size.
+
+    Mixed sizes are decoded once resized rather than streamed: a folder that fits in memory (Tiny ImageNet is 1.4 GB
+    at 64 px) then trains on the fast in-memory path and decodes no JPEG per epoch; one that does not fit is refused
+    with the streamed way to read it (the folder path as data.dataset).
+    """
+    tree = image_folder(folder, classes)
+    samples = tree.samples
+    first = read_image(samples[0][0])
+    shape = (3, size, size) if size else tuple(first.shape)
+    need = len(samples) * shape[0] * shape[1] * shape[2]
+    if need > _memory_bytes() // 2:
+        raise DataError(f'{folder}: {len(samples)} images of {shape} (C, H, W) need {need / 2 ** 30:.1f} GiB, more '
+                        f'than half of this machine\'s memory; stream them instead: data.dataset={folder.parent} '
+                        '(a folder path is decoded per image in data.workers).')
+    images = torch.empty((len(samples), *shape), dtype=torch.uint8)
+    for i, (path, _) in enumerate(samples):
+        image = first if i == 0 else read_image(path)
+        if size:
+            image = fit_image(image, size)
+        elif image.shape != first.shape:
+            raise DataError(f'Images in {folder} have several sizes ({samples[0][0]} is {tuple(first.shape[1:])}, '
+                            f'{path} is {tuple(image.shape[1:])}); set model.img_size=N to resize them (shorter side '
+                            'to N, centre crop).')
+        images[i] = image
+    targets = torch.tensor([target for _, target in samples], dtype=torch.int64)
+    return ArrayDataset(images, targets, tree.classes)
 
 
 def prepare_tiny_imagenet(root: str | Path, out_split: str = 'val_by_class') -> Path:
@@ -184,8 +249,9 @@ def prepare_tiny_imagenet(root: str | Path, out_split: str = 'val_by_class') -> 
 
 
 def load_dataset(dataset: str, root: str | None = None, download: bool = False, train_split: str = 'train',
-                 test_split: str = 'test') -> tuple[ArrayDataset, ArrayDataset]:
-    """The full training set and the test set of ``dataset`` (see ``list_datasets()``)."""
+                 test_split: str = 'test', img_size: int | None = None) -> tuple[ArrayDataset, ArrayDataset]:
+    """The full training set and the test set of ``dataset`` (see ``list_datasets()``); ``img_size`` resizes the images
+    of a ``folder`` dataset that are not that size (``fit_image``)."""
     if dataset not in DATASET_DEFAULTS:
         raise DataError(f'Unknown dataset {dataset!r}. Known: {", ".join(list_datasets())}.')
     path = resolve_root(root, dataset)
@@ -197,7 +263,6 @@ def load_dataset(dataset: str, root: str | None = None, download: bool = False, 
         raise DataError(f'--data.root is required for dataset {dataset!r}.')
     if dataset == 'npz':
         return _load_npz(path)
-    if not (path / test_split).exists() and (path / 'val' / 'val_annotations.txt').is_file():
-        prepare_tiny_imagenet(path, test_split)  # Tiny ImageNet ships its val split unsorted
-    train = _decode_folder(path / train_split)
-    return train, _decode_folder(path / test_split, train.classes)
+    train_dir, test_dir = folder_splits(path, train_split, test_split)
+    train = _decode_folder(train_dir, size=img_size)
+    return train, _decode_folder(test_dir, train.classes, size=img_size)

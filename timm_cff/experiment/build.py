@@ -192,7 +192,7 @@ class RunSetup:
         else:
             self.device = resolve_device(cfg.run.device)
         seed_all(cfg.run.seed)
-        self.data = prepare_data(cfg.data)
+        self.data = prepare_data(cfg.data, cfg.model.img_size)
         self.model = create_model(cfg.model, self.data.num_classes, self.data.input_size)
         _check_input_size(self.model, self.data)
         self.model.to(self.device)

@@ -54,14 +54,22 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = opt('cifar10', 'cifar10 | cifar100 | mnist | fashion_mnist (torchvision), npz (folder with '
-                                  'train.npz/test.npz), folder (ImageFolder tree), mnist_subset (bundled)')
-    root: str | None = opt(None, 'data folder; relative paths are also looked up under $TIMM_CFF_DATA')
+    dataset: str = opt('cifar10', 'in memory (decoded once, batches augmented on the device; the fast path): '
+                                  'cifar10 | cifar100 | mnist | fashion_mnist (torchvision), npz (folder with '
+                                  'train.npz/test.npz), folder (ImageFolder tree at data.root; mixed image sizes are '
+                                  'resized to model.img_size), mnist_subset (bundled); streamed (decoded per image '
+                                  'in data.workers, resized + centre-cropped to model.img_size): timm names '
+                                  'torch/<name> (torch/cifar10, torch/mnist, torch/imagenet, ...), hfds/<name> '
+                                  '(Hugging Face, pip install datasets), or an ImageFolder path')
+    root: str | None = opt(None, 'data folder (torch/: where torchvision finds the files; hfds/: the HF cache); '
+                                 'relative paths are also looked up under $TIMM_CFF_DATA')
     download: bool = opt(False, 'let torchvision download the dataset')
-    train_split: str = opt('train', 'folder datasets: sub-folder with the training images')
-    test_split: str = opt('test', "folder datasets: sub-folder with the test images (Tiny ImageNet: 'val')")
+    train_split: str = opt('train', 'folder datasets: sub-folder with the training images; streamed: the split name')
+    test_split: str = opt('test', "sub-folder / split with the test images; if it does not exist, 'validation' then "
+                                  "'val' (ImageNet, Hugging Face) are tried (Tiny ImageNet: 'val_by_class')")
     stats: str = opt('auto', 'normalisation statistics: cifar10 | cifar100 | mnist | fashion_mnist | imagenet | '
-                             'auto (the dataset\'s own, or computed on the training split for npz/folder)')
+                             'auto (the dataset\'s own, or computed on the training split for npz/folder, on a fixed '
+                             'sample of 2,000 training images for streamed datasets)')
     mean: list = opt([], 'explicit per-channel mean (overrides stats)')
     std: list = opt([], 'explicit per-channel std (overrides stats)')
     val_fraction: float = opt(0.1, 'validation share of the training set (official 90/10 split)')
@@ -77,7 +85,8 @@ class DataConfig:
     train_subset: int | None = opt(None, 'use only the first N images of the training file (quick runs)')
     test_subset: int | None = opt(None, 'use only the first N test images (quick runs)')
     batch_size: int = opt(512, 'batch size for train, validation, probe and test (official 512)')
-    workers: int = opt(0, 'DataLoader workers for per-sample work (RandAugment, folder decoding)')
+    workers: int = opt(0, 'DataLoader workers for per-sample work (RandAugment, decoding streamed datasets: set it '
+                          'to the CPU cores for those)')
 
 
 @dataclass

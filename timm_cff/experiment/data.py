@@ -1,4 +1,8 @@
-"""From a ``DataConfig`` to the loaders of a run: load, split 90/10, corrupt (Table 4), pick stats, build loaders."""
+"""From a ``DataConfig`` to the loaders of a run: load, split 90/10, corrupt (Table 4), pick stats, build loaders.
+
+Every step works on labels and indices, so it is the same for in-memory datasets (``ArrayDataset``) and streamed ones
+(``StreamDataset``: timm's ``torch/``, ``hfds/`` names and folder paths, decoded per image in ``data.workers``).
+"""
 import logging
 from dataclasses import dataclass
 
@@ -6,8 +10,10 @@ import torch
 
 from ..data.augment import STATS, BatchAugment
 from ..data.loader import ImageLoader
-from ..data.sources import DATASET_DEFAULTS, ArrayDataset, DataError, load_dataset
+from ..data.named import dataset_defaults, open_dataset
+from ..data.sources import ArrayDataset, DataError
 from ..data.splits import corrupt_labels, keep_fraction, split_train_val
+from ..data.streaming import STATS_SAMPLE, StreamDataset, measure_stats
 from .config import DataConfig
 
 __all__ = ['PreparedData', 'prepare_data', 'create_loaders']
@@ -17,10 +23,10 @@ _logger = logging.getLogger(__name__)
 
 @dataclass
 class PreparedData:
-    """The three splits and everything the model and transforms need to know about them."""
-    train: ArrayDataset
-    val: ArrayDataset
-    test: ArrayDataset
+    """The three splits (in memory or streamed) and everything the model and transforms need to know about them."""
+    train: ArrayDataset | StreamDataset
+    val: ArrayDataset | StreamDataset
+    test: ArrayDataset | StreamDataset
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -30,15 +36,17 @@ class PreparedData:
     @property
     def input_size(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of the images."""
-        return tuple(self.train.x.shape[1:])
+        return self.train.image_shape
 
 
-def _stats(cfg: DataConfig, train: ArrayDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _stats(cfg: DataConfig, train: ArrayDataset | StreamDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if cfg.mean or cfg.std:
         if len(cfg.mean) != len(cfg.std):
             raise DataError(f'data.mean and data.std need one value per channel, got {cfg.mean} and {cfg.std}.')
         return tuple(cfg.mean), tuple(cfg.std)
-    name = DATASET_DEFAULTS[cfg.dataset]['stats'] if cfg.stats == 'auto' else cfg.stats
+    name = dataset_defaults(cfg.dataset)['stats'] if cfg.stats == 'auto' else cfg.stats
+    if name == 'auto' and isinstance(train, StreamDataset):  # too large to measure whole: a fixed sample
+        return measure_stats(train, cfg.workers, STATS_SAMPLE)
     if name == 'auto':  # npz / folder without a named dataset: measure the training split
         pixels = train.x.float().div(255).transpose(0, 1).flatten(1)  # [C, N·H·W]
         return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
@@ -47,7 +55,7 @@ def _stats(cfg: DataConfig, train: ArrayDataset) -> tuple[tuple[float, ...], tup
     return STATS[name]
 
 
-def _check_splits(cfg: DataConfig, train: ArrayDataset, test: ArrayDataset) -> int:
+def _check_splits(cfg: DataConfig, train: ArrayDataset | StreamDataset, test: ArrayDataset | StreamDataset) -> int:
     """The class count C, from the labels; refuses data that would give no meaningful result."""
     name = cfg.root or cfg.dataset
     for split, data in (('training', train), ('test', test)):
@@ -55,9 +63,9 @@ def _check_splits(cfg: DataConfig, train: ArrayDataset, test: ArrayDataset) -> i
             raise DataError(f'{name}: the {split} split is empty.')
         if int(data.y.min()) < 0:
             raise DataError(f'{name}: the {split} labels must be 0..C-1, found {int(data.y.min())}.')
-    if train.x.shape[1:] != test.x.shape[1:]:
-        raise DataError(f'{name}: training images are {tuple(train.x.shape[1:])} (C, H, W) but test images are '
-                        f'{tuple(test.x.shape[1:])}; both splits need one image shape.')
+    if train.image_shape != test.image_shape:
+        raise DataError(f'{name}: training images are {train.image_shape} (C, H, W) but test images are '
+                        f'{test.image_shape}; both splits need one image shape.')
     num_classes = int(max(train.y.max(), test.y.max())) + 1
     if train.classes and len(train.classes) != num_classes:
         raise DataError(f'{name} names {len(train.classes)} classes but its labels have {num_classes}; the names '
@@ -73,9 +81,13 @@ def _check_splits(cfg: DataConfig, train: ArrayDataset, test: ArrayDataset) -> i
     return num_classes
 
 
-def prepare_data(cfg: DataConfig) -> PreparedData:
-    """Load ``cfg.dataset`` and apply the paper's protocol; the test split is never corrupted."""
-    full, test = load_dataset(cfg.dataset, cfg.root, cfg.download, cfg.train_split, cfg.test_split)
+def prepare_data(cfg: DataConfig, img_size: int | None = None) -> PreparedData:
+    """Load ``cfg.dataset`` and apply the paper's protocol; the test split is never corrupted.
+
+    ``img_size`` is the model's input side (``model.img_size``): streamed images and the mixed sizes of a ``folder``
+    are resized and centre-cropped to it (None: the dataset's own size).
+    """
+    full, test = open_dataset(cfg.dataset, cfg.root, cfg.download, cfg.train_split, cfg.test_split, img_size)
     if cfg.train_subset:
         full = full.subset(torch.arange(min(cfg.train_subset, len(full))))
     if cfg.test_subset:
@@ -93,14 +105,17 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
         if len(data) == 0:
             raise DataError(f'The {split} split has 0 images after the split and corruption settings; raise {keys}.')
     mean, std = _stats(cfg, train)
-    if len(mean) != full.x.shape[1]:
-        raise DataError(f'{len(mean)} normalisation channels for {full.x.shape[1]}-channel images; set data.stats '
+    if len(mean) != full.image_shape[0]:
+        raise DataError(f'{len(mean)} normalisation channels for {full.image_shape[0]}-channel images; set data.stats '
                         'or data.mean/data.std to match.')
-    defaults = DATASET_DEFAULTS[cfg.dataset]
+    defaults = dataset_defaults(cfg.dataset)
     padding = defaults['crop_padding'] if cfg.crop_padding is None else cfg.crop_padding
     hflip = defaults['hflip'] if cfg.hflip is None else cfg.hflip
     _logger.info('%s: %d train / %d val / %d test images of %s, %d classes', cfg.dataset, len(train), len(val),
-                 len(test), tuple(full.x.shape[1:]), num_classes)
+                 len(test), full.image_shape, num_classes)
+    if isinstance(full, StreamDataset) and cfg.workers == 0:
+        _logger.warning('%s is decoded image by image in the training process (data.workers=0); set '
+                        '--data.workers=N (e.g. the number of CPU cores) to decode in parallel.', cfg.dataset)
     return PreparedData(train, val, test, num_classes, mean, std, padding, hflip)
 
 
@@ -122,5 +137,5 @@ def create_loaders(data: PreparedData, cfg: DataConfig, *, num_views: int, seed:
                            shard=shard, **common),
         'probe_train': ImageLoader(data.train, cfg.batch_size, augment, shuffle=True, seed=seed + 2, **common),
         'probe_val': ImageLoader(data.val, cfg.batch_size, augment, shuffle=True, seed=seed + 3, **common),
-        'test': ImageLoader(data.test, cfg.batch_size, plain, device=device),
+        'test': ImageLoader(data.test, cfg.batch_size, plain, device=device, workers=cfg.workers),
     }
