@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import resolve_data_config
 from torch import nn
 
 from ..analysis import analyze
@@ -211,7 +212,9 @@ def _export_config(export_path: Path, overrides: dict[str, Any] | None) -> tuple
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     model = load_encoder(export_path)
     cfg = apply_overrides(Config(), {'data': meta.get('data', {})})
-    cfg.data.mean, cfg.data.std = list(model.pretrained_cfg['mean']), list(model.pretrained_cfg['std'])
+    timm_data = resolve_data_config({}, model=model)  # what timm's validate.py would use
+    cfg.data.mean, cfg.data.std = list(timm_data['mean']), list(timm_data['std'])
+    cfg.model.img_size = timm_data['input_size'][1]  # streamed or mixed-size data is fitted to the model's input
     return apply_overrides(cfg, overrides or {}), model, meta
 
 
@@ -219,7 +222,7 @@ def evaluate_export(export_path: str | Path, overrides: dict[str, Any] | None = 
     """Test accuracy of an export folder; the dataset comes from its ``timm_cff.json`` and ``overrides``."""
     cfg, model, _ = _export_config(Path(export_path), overrides)
     device = resolve_device(cfg.run.device)
-    data = prepare_data(cfg.data)
+    data = prepare_data(cfg.data, cfg.model.img_size)
     loaders = create_loaders(data, cfg.data, num_views=1, seed=cfg.run.seed, device=device)
     return {'test': evaluate_accuracy(model.to(device), loaders['test'], topk=cfg.run.topk)}
 
@@ -256,13 +259,14 @@ def analyze_path(path: str | Path, out: str | Path | None = None, overrides: dic
     if (path / 'config.json').exists():  # an export folder
         cfg, model, meta = _export_config(path, overrides)
         margins, history = meta.get('margins'), None
+        data = prepare_data(cfg.data, cfg.model.img_size)
     else:
         run = RunDir(path)
         cfg, setup = _setup_from_run(run, (lambda c: apply_overrides(c, overrides)) if overrides else None)
         setup.load(run, 'final')
         model, margins, history = setup.model, getattr(setup.trainer, 'margins', None), run.path / 'metrics.csv'
+        data = setup.data
     device = resolve_device(cfg.run.device)
-    data = prepare_data(cfg.data)
     clean = ImageLoader(data.val, cfg.data.batch_size, BatchAugment(data.mean, data.std, train=False), device=device)
     return analyze(model.to(device), clean, margins=margins, history_csv=history, out_dir=out or path / 'analysis',
                    class_names=data.train.classes, title=f'Layer-wise analysis of {path.name}', **kwargs)
