@@ -97,6 +97,8 @@ def test_transfer_probe_writes_a_new_timm_export_and_leaves_the_source(source, t
     assert meta['data']['root'] == str(data) and meta['data']['train_subset'] is None  # not carried over
     assert result['num_images'] == {'train': 54, 'val': 6, 'test': 24}  # all 60 training images, split 90/10
     assert meta['probe']['epochs'] == 3 and meta['probe']['best_epoch'] == result['stage2']['best_epoch']
+    again = transfer_probe(source, overrides, out=tmp_path / 'again')  # deterministic on CPU for a fixed seed
+    assert (Path(again['export']) / 'model.safetensors').read_bytes() == (out / 'model.safetensors').read_bytes()
 
 
 def test_cli_transfer_probe_default_folder_beside_the_source(source, tmp_path, capsys):

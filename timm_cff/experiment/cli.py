@@ -90,10 +90,11 @@ _PROBE_HELP = """Linear probe (fc_norm + head) on a frozen encoder.
       transfer probe: the export's encoder (a run folder means its export/) with a new head for the new data's
       classes, trained on the new data, tested, and written as a NEW timm export folder; the source is only read
 
-With another data.dataset or data.root than the source's, the data section starts from the defaults plus the
-data.* keys given (the source's other data keys, e.g. data.train_subset, are logged as dropped). A transfer probe
-reads data.*, probe.* and run.seed/device/topk/metric/quiet; images of other channels or size than the export
-are refused before training."""
+An export folder, another data.dataset or data.root than the source's, or --out make it a transfer probe. With
+another dataset or root the data section starts from the defaults plus the data.* keys given (the source's other
+data keys, e.g. data.train_subset, are logged as dropped); probe.* settings are the defaults plus the keys given.
+A transfer probe reads only data.*, probe.* and run.seed/device/topk/metric/quiet; images with other channels or
+size than the export takes are refused before training. See docs/training.md, "Probing on new data"."""
 
 
 def _parser() -> argparse.ArgumentParser:
