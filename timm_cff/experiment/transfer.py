@@ -20,7 +20,7 @@ from ..metrics import evaluate_accuracy
 from ..probe import ProbeResult, train_linear_probe
 from .build import data_config, resolve_device, seed_all
 from .commands import probe_run
-from .config import Config, ConfigError, DataConfig, apply_overrides, check_values, flatten, iter_fields
+from .config import Config, ConfigError, apply_overrides, check_values, flatten, iter_fields
 from .data import PreparedData, create_loaders, prepare_data
 from .progress import Progress
 from .rundir import RunDir
@@ -50,12 +50,16 @@ def _source_data(source: Path) -> dict[str, Any]:
     return {f'data.{k}': v for k, v in data.items()}
 
 
+def _data_defaults() -> dict[str, Any]:
+    return {key: value for key, _, value in iter_fields(Config().data, 'data.')}
+
+
 def is_new_data(source: str | Path, overrides: dict[str, Any]) -> bool:
     """Whether ``overrides`` name another dataset or root than the source (run or export folder) was trained on."""
     given = {k: v for k, v in overrides.items() if k in DATA_IDENTITY}
     if not given:
         return False
-    old = {**{f'data.{k}': v for k, v in vars(DataConfig()).items()}, **_source_data(Path(source))}
+    old = {**_data_defaults(), **_source_data(Path(source))}
     return any(old[k] != v for k, v in given.items())
 
 
@@ -82,7 +86,7 @@ def _config(source: Path, overrides: dict[str, Any]) -> Config:
     old = _source_data(source)
     cfg = Config()
     if is_new_data(source, overrides):
-        defaults = {key: value for key, _, value in iter_fields(Config().data, 'data.')}
+        defaults = _data_defaults()
         dropped = [f'{k}={v!r}' for k, v in old.items() if k not in overrides and v != defaults.get(k)]
         if dropped:
             _logger.warning('New data: the data keys of %s are not carried over: %s (give them again to keep '
@@ -120,7 +124,8 @@ def _protected(source: Path) -> Path:
 def _default_out(source: Path, cfg: Config) -> Path:
     """``<source>-probe-<data>-<time>`` beside the source (beside the run folder for a run's export)."""
     base = _protected(source)
-    data = Path(cfg.data.root).name if cfg.data.root and cfg.data.dataset in ('npz', 'folder') else cfg.data.dataset
+    data = (Path(cfg.data.root).name if cfg.data.root and cfg.data.dataset in ('npz', 'folder') else '') or \
+        cfg.data.dataset
     stem = f'{base.name}-probe-{re.sub(r"[^A-Za-z0-9_.-]+", "_", data)}-{time.strftime("%Y%m%d-%H%M%S")}'
     out, n = base.parent / stem, 1
     while out.exists():  # two probes in one second: never replace the first
