@@ -3,6 +3,7 @@
     timm-cff train --config quickstart [--section.key=value ...]     (a shipped recipe's name, or a YAML path)
     timm-cff train --resume runs/NAME
     timm-cff probe runs/NAME [--probe.epochs=10]
+    timm-cff probe runs/NAME/export --data.dataset=npz --data.root=DIR [--out NEW_DIR]
     timm-cff eval runs/NAME | EXPORT_DIR [--data.root=...]
     timm-cff export runs/NAME [--out DIR] [--checkpoint final|best]
     timm-cff analyze runs/NAME | EXPORT_DIR [--out DIR]
@@ -20,14 +21,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .progress import Progress
+from ..data import DataError
+from ..methods import NonFiniteLossError
+from .commands import analyze_path, evaluate_export, evaluate_run, export_run, train_run
 from .compare import format_comparison, summarize_run, write_comparison
 from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
-from ..data import DataError
-from .commands import analyze_path, evaluate_export, evaluate_run, export_run, probe_run, train_run
+from .progress import Progress
 from .recipes import Recipe, list_recipes, resolve_recipe
 from .rundir import CheckpointError, RunDir, RunInUseError
-from ..methods import NonFiniteLossError
+from .transfer import probe_path
 
 __all__ = ['main']
 
@@ -82,6 +84,21 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return dict(parse_override(f'{k}={v}') for k, v in vars(args).items() if k in keys)
 
 
+_PROBE_HELP = """Linear probe (fc_norm + head) on a frozen encoder.
+
+  timm-cff probe RUN [--probe.epochs=10]
+      redo the probe of a run in place on its own data (best stage-1 encoder), then test and export again
+  timm-cff probe RUN/export --data.dataset=npz --data.root=DIR [--out NEW] [--probe.*=...]
+      transfer probe: the export's encoder (a run folder means its export/) with a new head for the new data's
+      classes, trained on the new data, tested, and written as a NEW timm export folder; the source is only read
+
+An export folder, another data.dataset or data.root than the source's, or --out make it a transfer probe. With
+another dataset or root the data section starts from the defaults plus the data.* keys given (the source's other
+data keys, e.g. data.train_subset, are logged as dropped); probe.* settings are the defaults plus the keys given.
+A transfer probe reads only data.*, probe.* and run.seed/device/topk/metric/quiet; images with other channels or
+size than the export takes are refused before training. See docs/training.md, "Probing on new data"."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-cff', allow_abbrev=False, description='Layer-local training of '
                                      'timm ViTs with Contrastive Forward-Forward (CFF).')
@@ -93,9 +110,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from its last checkpoint; '
                        'with --train.epochs=N it extends the run to N epochs')
     _add_config_options(train)
-    probe = sub.add_parser('probe', allow_abbrev=False, help='redo stage 2 of a run', description='Redo the linear probe of a run on '
-                           'its best stage-1 encoder, then test and export again.')
-    probe.add_argument('run_dir')
+    probe = sub.add_parser('probe', allow_abbrev=False, help='redo stage 2 of a run, or probe an export on new data',
+                           formatter_class=argparse.RawDescriptionHelpFormatter, description=_PROBE_HELP)
+    probe.add_argument('path', metavar='PATH', help='a run folder or an export folder (config.json + '
+                       'model.safetensors + timm_cff.json)')
+    probe.add_argument('--out', metavar='DIR', help='transfer probe: the new export folder (missing, empty or an '
+                       'earlier export; default: PATH-probe-DATA-TIME beside PATH, or beside the run of a run\'s '
+                       'export)')
     _add_config_options(probe)
     evaluate = sub.add_parser('eval', allow_abbrev=False, help='test accuracy of a run or an export folder')
     evaluate.add_argument('path', help='a run folder or an export folder (config.json + model.safetensors)')
@@ -176,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == 'train':
             result = _train(args)
         elif args.command == 'probe':
-            result = probe_run(args.run_dir, _apply(_overrides(args)), TqdmProgress())
+            result = probe_path(args.path, _overrides(args), args.out, TqdmProgress())
         elif args.command == 'eval':
             path = Path(args.path)
             result = evaluate_export(path, _overrides(args)) if (path / 'config.json').exists() else \

@@ -45,7 +45,7 @@ def _finish(cfg: Config, run: RunDir, setup: RunSetup, summary: dict, progress: 
     if cfg.run.export and not setup.is_ff:
         try:
             export_model(setup.model, run.export_path, data_config=data_config(setup.data),
-                         label_names=_label_names(setup), metadata=_metadata(cfg, setup, test=summary['test']))
+                         label_names=setup.data.label_names, metadata=_metadata(cfg, setup, test=summary['test']))
             summary['export'] = str(run.export_path)
         except (TypeError, ValueError) as e:  # an MLP or a patch-ReLU ViT is no stock timm model
             _logger.warning('No timm export: %s Its weights are in %s.', e, run.checkpoint_path('final'))
@@ -236,13 +236,7 @@ def export_run(run_path: str | Path, out: str | Path | None = None, checkpoint: 
                          f'Its weights are in {run.checkpoint_path(checkpoint)}.')
     setup.load(run, checkpoint)
     return export_model(setup.model.cpu(), out or run.export_path, data_config=data_config(setup.data),
-                        label_names=_label_names(setup), metadata=_metadata(cfg, setup, checkpoint=checkpoint))
-
-
-def _label_names(setup: RunSetup) -> list[str] | None:
-    """The dataset's class names, unless they are only the label numbers."""
-    names = list(setup.data.train.classes)
-    return None if names == [str(c) for c in range(len(names))] else names
+                        label_names=setup.data.label_names, metadata=_metadata(cfg, setup, checkpoint=checkpoint))
 
 
 def _metadata(cfg: Config, setup: RunSetup, **extra: Any) -> dict[str, Any]:

@@ -38,6 +38,12 @@ class PreparedData:
         """``(C, H, W)`` of the images."""
         return self.train.image_shape
 
+    @property
+    def label_names(self) -> list[str] | None:
+        """The class names in label order (timm's ``label_names``), or ``None`` when they are only the numbers."""
+        names = list(self.train.classes)
+        return None if not names or names == [str(c) for c in range(len(names))] else names
+
 
 def _stats(cfg: DataConfig, train: ArrayDataset | StreamDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if cfg.mean or cfg.std:

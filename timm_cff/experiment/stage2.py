@@ -2,15 +2,17 @@
 model, then test top-k of every way the method predicts."""
 from typing import Any
 
+from torch import nn
+
 from ..methods import schedule, train_one_pass_head
 from ..metrics import evaluate_accuracy
-from ..probe import train_linear_probe
+from ..probe import ProbeResult, train_linear_probe
 from .build import RunSetup, seed_all
 from .config import Config
 from .progress import Progress
 from .rundir import RunDir
 
-__all__ = ['fit_stage2', 'test_accuracy']
+__all__ = ['fit_stage2', 'test_accuracy', 'train_probe', 'probe_settings']
 
 
 def fit_stage2(cfg: Config, run: RunDir, setup: RunSetup, progress: Progress) -> dict[str, Any]:
@@ -29,23 +31,32 @@ def fit_stage2(cfg: Config, run: RunDir, setup: RunSetup, progress: Progress) ->
         progress.update(bar, metrics, advance=True)
 
     (run.path / 'probe.csv').unlink(missing_ok=True)
-    p = cfg.probe
-    kwargs = dict(epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, on_epoch=on_epoch,
-                  scheduler=schedule(p.sched, p.epochs, warmup_epochs=p.warmup_epochs, min_lr=p.min_lr))
     if setup.is_ff:
         setup.classifier, result = train_one_pass_head(setup.trainer, loaders['probe_train'], loaders['probe_val'],
-                                                       **kwargs)
+                                                       **probe_settings(cfg), on_epoch=on_epoch)
     else:
-        # Without augmentation the probe sees the same inputs every epoch: encode them once.
-        augment = loaders['probe_train'].augment
-        fixed = not (cfg.data.randaugment or augment.padding or augment.hflip)
-        result = train_linear_probe(setup.model, loaders['probe_train'], loaders['probe_val'],
-                                    cache_features=fixed, **kwargs)
+        result = train_probe(cfg, setup.model, loaders, on_epoch)
     progress.close(bar)
     head = setup.classifier.head.state_dict() if setup.is_ff else None
     run.save_checkpoint('final', {'trainer': setup.trainer.state_dict(), 'head': head})
     progress.message(f'stage 2: best epoch {result.best_epoch}, val loss {result.best_val_loss:.4f}')
     return {'best_epoch': result.best_epoch, 'best_val_loss': result.best_val_loss}
+
+
+def probe_settings(cfg: Config) -> dict[str, Any]:
+    """``train_linear_probe`` keyword arguments of the ``probe`` section: epochs, AdamW settings, LR schedule."""
+    p = cfg.probe
+    return dict(epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay,
+                scheduler=schedule(p.sched, p.epochs, warmup_epochs=p.warmup_epochs, min_lr=p.min_lr))
+
+
+def train_probe(cfg: Config, model: nn.Module, loaders: dict, on_epoch=None) -> ProbeResult:
+    """The linear probe of ``model`` on ``probe_train`` / ``probe_val`` with the ``probe`` section's settings."""
+    # Without augmentation the probe sees the same inputs every epoch: encode them once.
+    augment = loaders['probe_train'].augment
+    fixed = not (cfg.data.randaugment or augment.padding or augment.hflip)
+    return train_linear_probe(model, loaders['probe_train'], loaders['probe_val'], cache_features=fixed,
+                              on_epoch=on_epoch, **probe_settings(cfg))
 
 
 def test_accuracy(cfg: Config, setup: RunSetup) -> dict[str, Any]:
