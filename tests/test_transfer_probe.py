@@ -18,7 +18,7 @@ from timm_cff.experiment.config import parse_override
 from timm_cff.experiment.transfer import transfer_probe
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / 'examples' / 'configs' / 'quickstart.yaml')
+QUICKSTART = 'quickstart'
 NAMES = ['cat', 'dog', 'owl']
 PROBE = ['--probe.epochs=3', '--probe.lr=0.01', '--data.batch_size=16', '--run.device=cpu', '--run.topk=[1,2]']
 
