@@ -41,7 +41,7 @@ TORCH_DATASETS = ('cifar10', 'cifar100', 'mnist', 'kmnist', 'fashion_mnist', 'qm
 _TRAIN_TEST_PAIRS = ('cifar10', 'cifar100', 'mnist', 'kmnist', 'fashion_mnist', 'qmnist')
 _ITERABLE = ('wds', 'hfids', 'tfds')
 #: prefix -> (module to import, what to pip install)
-_PACKAGES = {'hfds': ('datasets', 'datasets')}
+_PACKAGES = {'hfds': ('datasets', 'datasets')}  # also: pip install "timm-cff[hf]"
 
 
 def _parse(dataset: str) -> tuple[str, str]:

@@ -36,7 +36,8 @@ class ModelConfig:
     name: str = opt('vit_tiny_patch16_224', "timm architecture (any VisionTransformer, e.g. vit_small_patch16_224: "
                                            "its own sizes unless the fields below are given), or 'mlp' for MLP[E L] "
                                            "(embed_dim = E, depth = L)")
-    img_size: int | None = opt(None, 'input size; None: the dataset image size')
+    img_size: int | None = opt(None, 'input size (streamed and mixed-size folder images are fitted to it); None: the '
+                                     'dataset image size (streamed: the first training image, which must be square)')
     patch_size: int | None = opt(None, "patch size; None: the timm model's (recipes: 4 for 32 px, 8 for 64 px: "
                                        '64 tokens as in the paper)')
     embed_dim: int | None = opt(None, "E of ViT[E H L]; None: the timm model's")
