@@ -19,7 +19,6 @@ from timm_cff.data import (
     BatchAugment,
     DataError,
     ImageLoader,
-    StreamDataset,
     fit_image,
     load_dataset,
     open_dataset,
@@ -73,7 +72,7 @@ def test_torch_mnist_is_read_from_torchvision_files_offline(tmp_path):
         write_idx(raw / f'{prefix}-labels-idx1-ubyte', y)
         arrays[prefix] = torch.from_numpy(x), torch.from_numpy(y)
     train, test = open_dataset('torch/mnist', str(tmp_path))
-    assert isinstance(train, StreamDataset) and train.image_shape == (1, 28, 28)
+    assert train.streamed and train.image_shape == (1, 28, 28)
     for data, (x, y) in ((train, arrays['train']), (test, arrays['t10k'])):
         assert len(data) == len(x) and torch.equal(data.y, y.long())
         for i in range(len(x)):
@@ -108,7 +107,7 @@ def test_streamed_loader_equals_the_in_memory_loader_bit_for_bit(tmp_path, randa
     written = write_folder(tmp_path / 'f', {'train': (9, 8, 8), 'test': 2})
     memory = ArrayDataset(*written['train'], ['ant', 'bee', 'cat'])
     streamed, _ = open_dataset(str(tmp_path / 'f'))
-    assert isinstance(streamed, StreamDataset) and streamed.classes == memory.classes
+    assert streamed.streamed and streamed.classes == memory.classes
     augment = BatchAugment((0.5,) * 3, (0.25,) * 3, padding=2, hflip=True)
     kwargs = {'num_views': 2, 'shuffle': True, 'seed': 5,
               'randaugment': v2.RandAugment(2, 9) if randaugment else None}

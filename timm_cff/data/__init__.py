@@ -14,8 +14,7 @@ from .splits import corrupt_labels as corrupt_labels
 from .splits import keep_fraction as keep_fraction
 from .splits import split_train_val as split_train_val
 from .streaming import ImageStream as ImageStream
-from .streaming import StreamDataset as StreamDataset
 
-__all__ = ['STATS', 'ArrayDataset', 'BatchAugment', 'DataError', 'ImageLoader', 'ImageStream', 'StreamDataset',
+__all__ = ['STATS', 'ArrayDataset', 'BatchAugment', 'DataError', 'ImageLoader', 'ImageStream',
            'corrupt_labels', 'dataset_defaults', 'fit_image', 'keep_fraction', 'list_datasets',
            'load_dataset', 'open_dataset', 'prepare_tiny_imagenet', 'split_train_val']

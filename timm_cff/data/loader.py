@@ -6,7 +6,7 @@ per-image by nature, runs per sample on uint8 tensors (optionally in DataLoader 
 Every random draw depends only on (seed, epoch, sample), so results do not depend on the number of workers.
 
 An in-memory dataset (``ArrayDataset``) lives on the device and a batch is an index operation there; a streamed one
-(``StreamDataset``) is decoded image by image in DataLoader workers. Both take the same permutation and the same
+(``ArrayDataset.streamed``) is decoded image by image in DataLoader workers. Both take the same permutation and the same
 augmentation draws, so the same images give the same batches, bit for bit, whichever way they are held.
 """
 import functools
@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from .augment import BatchAugment
 from .sources import ArrayDataset
-from .streaming import StreamDataset, decode_batches
+from .streaming import decode_batches
 
 __all__ = ['ImageLoader']
 
@@ -46,7 +46,7 @@ class ImageLoader:
 
     Args:
         data: the images and labels: in memory (``ArrayDataset``, uint8 ``[N, C, H, W]``) or streamed
-            (``StreamDataset``, decoded in ``workers``).
+            (``x`` an ``ImageStream``, decoded in ``workers``).
         batch_size: samples per batch; the last batch may be smaller (official: no drop_last).
         augment: the batched crop/flip/normalise transform.
         num_views: independent augmentations per image (2 for CFF).
@@ -60,7 +60,7 @@ class ImageLoader:
             replicas' parts together are exactly the one-process batch).
     """
 
-    def __init__(self, data: ArrayDataset | StreamDataset, batch_size: int, augment: BatchAugment, *,
+    def __init__(self, data: ArrayDataset, batch_size: int, augment: BatchAugment, *,
                  num_views: int = 1, shuffle: bool = False, seed: int = 0, device: torch.device | str = 'cpu',
                  randaugment: Callable[[Tensor], Tensor] | None = None, workers: int = 0,
                  shard: tuple[int, int] = (0, 1)):
@@ -101,7 +101,7 @@ class ImageLoader:
 
     def _raw_batches(self, batches: list[Tensor]) -> Iterator[Tensor]:
         """uint8 ``[B, C, H, W]`` (shared by the views) or ``[B, V, C, H, W]`` (per-view RandAugment)."""
-        if self.randaugment is None and isinstance(self.data.x, Tensor):
+        if self.randaugment is None and not self.data.streamed:
             for index in batches:
                 yield self._x[index.to(self._x.device)]
             return

@@ -2,7 +2,7 @@
 
 - In memory (``sources.load_dataset``, decoded once, batches indexed on the device): ``cifar10``, ``cifar100``,
   ``mnist``, ``fashion_mnist``, ``npz``, ``folder``, ``mnist_subset``. The fast path for small sets.
-- Streamed (``StreamDataset``, decoded per image in DataLoader workers and fitted to the model's input size):
+- Streamed (an ``ArrayDataset`` over an ``ImageStream``, decoded per image in DataLoader workers and fitted to the model's input size):
   timm's ``timm.data.create_dataset`` names ``torch/<name>`` and ``hfds/<name>``, and a folder path (an ImageFolder
   tree ``<path>/<split>/<class>/...``, read like ``folder``).
 
@@ -28,7 +28,7 @@ from .sources import (
     load_dataset,
     resolve_root,
 )
-from .streaming import ImageStream, StreamDataset, read_source
+from .streaming import ImageStream, read_source
 
 __all__ = ['TORCH_DATASETS', 'dataset_defaults', 'open_dataset']
 
@@ -186,10 +186,10 @@ def _stream(source: Any, size: int | None, name: str) -> tuple[ImageStream, int]
 
 def open_dataset(dataset: str, root: str | None = None, download: bool = False, train_split: str = 'train',
                  test_split: str = 'test', img_size: int | None = None,
-                 ) -> tuple[ArrayDataset | StreamDataset, ArrayDataset | StreamDataset]:
-    """The full training set and the test set of ``dataset``: ``ArrayDataset`` for the in-memory names,
-    ``StreamDataset`` for timm's names and folder paths, with every image fitted to ``img_size`` (None: the size of
-    the first training image). The first image of each split is decoded here, so a missing or unreadable dataset is
+                 ) -> tuple[ArrayDataset, ArrayDataset]:
+    """The full training set and the test set of ``dataset``: in memory for the in-memory names, streamed
+    (``x`` an ``ImageStream``) for timm's names and folder paths, with every image fitted to ``img_size`` (None: the
+    size of the first training image). The first image of each split is decoded here, so a missing or unreadable dataset is
     refused before training."""
     kind, name = _parse(dataset)
     if kind == 'memory':
@@ -215,8 +215,8 @@ def open_dataset(dataset: str, root: str | None = None, download: bool = False, 
     train_source, test_source = _open_splits(kind, name, path, download, train_split, test_split)
     train_stream, size = _stream(train_source, img_size, label)
     test_stream, _ = _stream(test_source, size, label)
-    train = StreamDataset(train_stream, _labels(train_source, label), _class_names(train_source))
-    test = StreamDataset(test_stream, _labels(test_source, label), _class_names(train_source))
+    train = ArrayDataset(train_stream, _labels(train_source, label), _class_names(train_source))
+    test = ArrayDataset(test_stream, _labels(test_source, label), _class_names(train_source))
     for split, data in (('training', train), ('test', test)):
         if len(data) == 0:
             raise DataError(f'{label}: the {split} split is empty.')

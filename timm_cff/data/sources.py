@@ -41,10 +41,19 @@ class DataError(ValueError):
 
 @dataclass
 class ArrayDataset:
-    """Images ``x`` uint8 ``[N, C, H, W]``, labels ``y`` int64 ``[N]`` and the class names."""
-    x: Tensor
+    """Images ``x`` uint8 ``[N, C, H, W]``, labels ``y`` int64 ``[N]`` and the class names.
+
+    ``x`` is a tensor in memory, or a ``streaming.ImageStream`` that decodes each image on demand and is indexed
+    the same way (a streamed dataset).
+    """
+    x: Tensor  # or an ImageStream
     y: Tensor
     classes: list[str]
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are decoded on demand (``x`` is an ``ImageStream``)."""
+        return not isinstance(self.x, Tensor)
 
     def __len__(self) -> int:
         return len(self.y)

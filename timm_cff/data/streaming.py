@@ -1,15 +1,14 @@
 """Streamed datasets: images decoded one at a time (in DataLoader workers) and fitted to the model's input size.
 
-A ``StreamDataset`` has the interface of ``ArrayDataset`` (``x``, ``y``, ``classes``, ``subset``, ``image_shape``), but
-its ``x`` is an ``ImageStream``: ``x[i]`` reads and decodes image ``i`` of a map-style dataset (torchvision's, timm's
-``ImageDataset`` or an ImageFolder) and returns uint8 ``[C, S, S]``. Labels are read once, up front, without decoding
+A streamed dataset is an ``ArrayDataset`` whose ``x`` is an ``ImageStream`` instead of a uint8 tensor: ``x[i]`` reads
+and decodes image ``i`` of a map-style dataset (torchvision's, timm's ``ImageDataset`` or an ImageFolder) and returns
+uint8 ``[C, S, S]``, and ``x[index]`` is the stream of those images, so ``subset`` works unchanged. Labels are read once, up front, without decoding
 an image, so the split, ``train_subset``, ``data_fraction`` and ``label_noise`` are index and label operations as for
 in-memory data; ``ImageLoader`` then decodes each batch in workers and augments it exactly as it augments a batch in
 memory.
 """
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,9 +16,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .resize import fit_image
-from .sources import DataError, read_image
+from .sources import ArrayDataset, DataError, read_image
 
-__all__ = ['STATS_SAMPLE', 'ImageStream', 'StreamDataset', 'decode_batches', 'measure_stats']
+__all__ = ['STATS_SAMPLE', 'ImageStream', 'decode_batches', 'measure_stats']
 
 _logger = logging.getLogger(__name__)
 
@@ -83,30 +82,17 @@ class ImageStream(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> Tensor:
-        return fit_image(read_source(self.source, int(self.index[i]), self.channels), self.size)
-
-    def subset(self, index: Tensor) -> 'ImageStream':
-        return ImageStream(self.source, self.index[index], self.size, self.channels)
-
-
-@dataclass
-class StreamDataset:
-    """Images decoded on demand (``x``: an ``ImageStream``), labels ``y`` int64 ``[N]`` and the class names."""
-    x: ImageStream
-    y: Tensor
-    classes: list[str]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, index: Tensor) -> 'StreamDataset':
-        return StreamDataset(self.x.subset(index), self.y[index], self.classes)
-
     @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` of every image (all are fitted to one square size)."""
-        return self.x.channels, self.x.size, self.x.size
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(N, C, size, size)``, as the uint8 tensor it stands for."""
+        return len(self), self.channels, self.size, self.size
+
+    def __getitem__(self, i: int | Tensor) -> 'Tensor | ImageStream':
+        """Indexed like the uint8 ``[N, C, size, size]`` tensor it stands for: an int decodes that image, an index
+        tensor gives the stream of those images (nothing decoded)."""
+        if isinstance(i, Tensor) and i.dim() > 0:
+            return ImageStream(self.source, self.index[i], self.size, self.channels)
+        return fit_image(read_source(self.source, int(self.index[i]), self.channels), self.size)
 
 
 class _Unreadable:
@@ -148,7 +134,7 @@ def decode_batches(dataset: Dataset, batches: Sequence[Sequence[int]], workers: 
         yield batch
 
 
-def measure_stats(data: StreamDataset, workers: int = 0,
+def measure_stats(data: ArrayDataset, workers: int = 0,
                   sample: int = STATS_SAMPLE) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (of pixels in [0, 1]) over ``sample`` training images, a fixed random choice (seed 0),
     after ``fit_image``: the ``data.stats=auto`` of a dataset too large to measure whole."""
@@ -156,7 +142,7 @@ def measure_stats(data: StreamDataset, workers: int = 0,
     total = torch.zeros(data.image_shape[0], dtype=torch.float64)
     squares, count = total.clone(), 0
     batches = [b.tolist() for b in torch.arange(len(pick)).split(64)]
-    for batch in decode_batches(data.x.subset(pick), batches, workers):
+    for batch in decode_batches(data.x[pick], batches, workers):
         pixels = batch.double().div_(255).transpose(0, 1).flatten(1)  # [C, B·H·W]
         total += pixels.sum(1)
         squares += pixels.square().sum(1)

@@ -1,7 +1,7 @@
 """From a ``DataConfig`` to the loaders of a run: load, split 90/10, corrupt (Table 4), pick stats, build loaders.
 
 Every step works on labels and indices, so it is the same for in-memory datasets (``ArrayDataset``) and streamed ones
-(``StreamDataset``: timm's ``torch/``, ``hfds/`` names and folder paths, decoded per image in ``data.workers``).
+(an ``ArrayDataset`` over an ``ImageStream``: timm's ``torch/``, ``hfds/`` names and folder paths, decoded per image in ``data.workers``).
 """
 import logging
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from ..data.loader import ImageLoader
 from ..data.named import dataset_defaults, open_dataset
 from ..data.sources import ArrayDataset, DataError
 from ..data.splits import corrupt_labels, keep_fraction, split_train_val
-from ..data.streaming import STATS_SAMPLE, StreamDataset, measure_stats
+from ..data.streaming import STATS_SAMPLE, measure_stats
 from .config import DataConfig
 
 __all__ = ['PreparedData', 'prepare_data', 'create_loaders']
@@ -24,9 +24,9 @@ _logger = logging.getLogger(__name__)
 @dataclass
 class PreparedData:
     """The three splits (in memory or streamed) and everything the model and transforms need to know about them."""
-    train: ArrayDataset | StreamDataset
-    val: ArrayDataset | StreamDataset
-    test: ArrayDataset | StreamDataset
+    train: ArrayDataset
+    val: ArrayDataset
+    test: ArrayDataset
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -45,13 +45,13 @@ class PreparedData:
         return None if not names or names == [str(c) for c in range(len(names))] else names
 
 
-def _stats(cfg: DataConfig, train: ArrayDataset | StreamDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _stats(cfg: DataConfig, train: ArrayDataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if cfg.mean or cfg.std:
         if len(cfg.mean) != len(cfg.std):
             raise DataError(f'data.mean and data.std need one value per channel, got {cfg.mean} and {cfg.std}.')
         return tuple(cfg.mean), tuple(cfg.std)
     name = dataset_defaults(cfg.dataset)['stats'] if cfg.stats == 'auto' else cfg.stats
-    if name == 'auto' and isinstance(train, StreamDataset):  # too large to measure whole: a fixed sample
+    if name == 'auto' and train.streamed:  # too large to measure whole: a fixed sample
         return measure_stats(train, cfg.workers, STATS_SAMPLE)
     if name == 'auto':  # npz / folder without a named dataset: measure the training split
         pixels = train.x.float().div(255).transpose(0, 1).flatten(1)  # [C, N·H·W]
@@ -61,7 +61,7 @@ def _stats(cfg: DataConfig, train: ArrayDataset | StreamDataset) -> tuple[tuple[
     return STATS[name]
 
 
-def _check_splits(cfg: DataConfig, train: ArrayDataset | StreamDataset, test: ArrayDataset | StreamDataset) -> int:
+def _check_splits(cfg: DataConfig, train: ArrayDataset, test: ArrayDataset) -> int:
     """The class count C, from the labels; refuses data that would give no meaningful result."""
     name = cfg.root or cfg.dataset
     for split, data in (('training', train), ('test', test)):
@@ -119,7 +119,7 @@ def prepare_data(cfg: DataConfig, img_size: int | None = None) -> PreparedData:
     hflip = defaults['hflip'] if cfg.hflip is None else cfg.hflip
     _logger.info('%s: %d train / %d val / %d test images of %s, %d classes', cfg.dataset, len(train), len(val),
                  len(test), full.image_shape, num_classes)
-    if isinstance(full, StreamDataset) and cfg.workers == 0:
+    if full.streamed and cfg.workers == 0:
         _logger.warning('%s is decoded image by image in the training process (data.workers=0); set '
                         '--data.workers=N (e.g. the number of CPU cores) to decode in parallel.', cfg.dataset)
     return PreparedData(train, val, test, num_classes, mean, std, padding, hflip)
