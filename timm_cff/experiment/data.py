@@ -73,9 +73,11 @@ def _check_splits(cfg: DataConfig, train: ArrayDataset, test: ArrayDataset) -> i
         raise DataError(f'{name}: training images are {train.image_shape} (C, H, W) but test images are '
                         f'{test.image_shape}; both splits need one image shape.')
     num_classes = int(max(train.y.max(), test.y.max())) + 1
-    if train.classes and len(train.classes) != num_classes:
+    if train.classes and len(train.classes) < num_classes:
         raise DataError(f'{name} names {len(train.classes)} classes but its labels have {num_classes}; the names '
                         'must match the labels 0..C-1.')
+    # the names count the classes: a subset (data.train_subset of a class-sorted folder) may lack the last ones
+    num_classes = max(num_classes, len(train.classes))
     seen = set(train.y.unique().tolist())
     if len(seen) < 2:
         raise DataError(f'{name}: the training split has a single class ({seen.pop()}); training needs at least 2 '
