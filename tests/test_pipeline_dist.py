@@ -245,3 +245,21 @@ def test_replicas_match_single_process_global_batch(tmp_path, num_groups, world_
             assert epoch == pytest.approx(expected, rel=1e-5)
         twin = first[r['group']]['state']['model']  # replicas stay bit-identical to each other
         assert all(torch.equal(twin[k], v) for k, v in r['state']['model'].items())
+
+
+def _scaler_round_trip(rank, stage_counts):
+    """float16 autocast: each rank's GradScaler state (its loss scale) is in its checkpoint and comes back."""
+    worker = PipelineWorker(_trainer(autocast_dtype='float16', scheduler=None), stage_counts=stage_counts)
+    worker.trainer.scaler.scale(torch.ones(()))  # the scaler starts lazily
+    worker.trainer.scaler.update(new_scale=1234.0 + rank)
+    state = worker.state_dict()
+    fresh = PipelineWorker(_trainer(autocast_dtype='float16', scheduler=None), stage_counts=stage_counts)
+    before = fresh.trainer.scaler.get_scale()
+    fresh.load_state_dict(state)
+    return before, fresh.trainer.scaler.get_scale()
+
+
+def test_a_pipeline_checkpoint_keeps_each_ranks_loss_scale(tmp_path):
+    results = ok(launch(tmp_path, 2, _scaler_round_trip, [2, 2]))
+    assert [after for _, after in results] == [1234.0, 1235.0]
+    assert all(before != after for before, after in results)

@@ -173,6 +173,7 @@ class PipelineWorker(GroupedTrainer):
             'schedulers': {i: t.schedulers[i].state_dict() for i in stages} if t.schedulers else {},
             'num_updates': t.num_updates,
             'epoch': t.epoch,
+            **({'scaler': t.scaler.state_dict()} if t.scaler else {}),  # float16 autocast: this rank's loss scale
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -189,6 +190,8 @@ class PipelineWorker(GroupedTrainer):
             t.stage_optimizers.load_optimizer(i, state['optimizers'][i])
         t.num_updates, t.epoch = state['num_updates'], state['epoch']
         t.stage_optimizers.resume_schedule(t.epoch, t.num_updates)
+        if t.scaler and 'scaler' in state:
+            t.scaler.load_state_dict(state['scaler'])
 
     def _owned_keys(self) -> set[str]:
         """State-dict keys of this group's stages (and of the stage-less rest, for the last group)."""
