@@ -226,8 +226,11 @@ def test_a_missing_package_names_the_pip_install(tmp_path, capsys, monkeypatch):
 
 
 def test_iterable_datasets_are_refused_saying_what_works(tmp_path, capsys):
-    line = refused(tmp_path, capsys, '--data.dataset=wds/shards')
-    assert 'iterable datasets' in line and 'torch/<name>, hfds/<name> or an ImageFolder path' in line
+    line = refused(tmp_path, capsys, '--data.dataset=hfids/someone/insects')
+    assert 'iterable datasets' in line and line.endswith('use hfds/someone/insects (the same Hugging Face set, '
+                                                         'map-style).')
+    line = refused(tmp_path, capsys, '--data.dataset=tfds/mnist')
+    assert 'iterable datasets' in line and 'wds/<name> or an ImageFolder path (tfds/ also needs TensorFlow' in line
 
 
 def test_missing_splits_and_datasets_are_refused(tmp_path, capsys):

@@ -2,13 +2,15 @@
 
 - In memory (``sources.load_dataset``, decoded once, batches indexed on the device): ``cifar10``, ``cifar100``,
   ``mnist``, ``fashion_mnist``, ``npz``, ``folder``, ``mnist_subset``. The fast path for small sets.
-- Streamed (an ``ArrayDataset`` over an ``ImageStream``, decoded per image in DataLoader workers and fitted to the model's input size):
-  timm's ``timm.data.create_dataset`` names ``torch/<name>`` and ``hfds/<name>``, and a folder path (an ImageFolder
-  tree ``<path>/<split>/<class>/...``, read like ``folder``).
+- Streamed (an ``ArrayDataset`` over an ``ImageStream``, decoded per image in DataLoader workers and fitted to the
+  model's input size): timm's ``timm.data.create_dataset`` names ``torch/<name>`` and ``hfds/<name>``, a folder path
+  (an ImageFolder tree ``<path>/<split>/<class>/...``, read like ``folder``), and ``wds/<name>``: WebDataset tar
+  shards under ``data.root`` (or ``data.root/<name>``), indexed up front and read by seeking (``tarshards``), not
+  through timm's iterable reader.
 
-timm's iterable datasets (``wds/``, ``hfids/``, ``tfds/``) are refused: their readers split the data by process rank
-and shuffle it themselves, while the layer pipeline needs every stage group of a replica to see the same batches,
-and the protocol's 90/10 train/validation split and Table 4's corruptions are index operations.
+timm's iterable readers (``hfids/``, ``tfds/``, and timm's own for ``wds/``) are not used: they split the data by
+process rank and shuffle it themselves, while the layer pipeline needs every stage group of a replica to see the same
+batches, and the protocol's 90/10 train/validation split and Table 4's corruptions are index operations.
 """
 import importlib
 import logging
@@ -29,6 +31,7 @@ from .sources import (
     resolve_root,
 )
 from .streaming import ImageStream, read_source
+from .tarshards import TarShards, shard_files
 
 __all__ = ['TORCH_DATASETS', 'dataset_defaults', 'open_dataset']
 
@@ -39,17 +42,17 @@ TORCH_DATASETS = ('cifar10', 'cifar100', 'mnist', 'kmnist', 'fashion_mnist', 'qm
                   'inaturalist', 'inat', 'folder', 'image_folder')
 #: torchvision sets with a fixed train/test pair: every split name but a training one gives their test set.
 _TRAIN_TEST_PAIRS = ('cifar10', 'cifar100', 'mnist', 'kmnist', 'fashion_mnist', 'qmnist')
-_ITERABLE = ('wds', 'hfids', 'tfds')
+_ITERABLE = ('hfids', 'tfds')
 #: prefix -> (module to import, what to pip install)
 _PACKAGES = {'hfds': ('datasets', 'datasets')}  # also: pip install "timm-cff[hf]"
 
 
 def _parse(dataset: str) -> tuple[str, str]:
-    """``(kind, name)``: kind is 'memory', 'torch', 'hfds', 'iterable' or 'path'."""
+    """``(kind, name)``: kind is 'memory', 'torch', 'hfds', 'wds', 'iterable' or 'path'."""
     if dataset in DATASET_DEFAULTS:
         return 'memory', dataset
     prefix, sep, rest = dataset.partition('/')
-    if sep and prefix.lower() in ('torch', 'hfds'):
+    if sep and prefix.lower() in ('torch', 'hfds', 'wds'):
         return prefix.lower(), rest
     if sep and prefix.lower() in _ITERABLE:
         return 'iterable', rest
@@ -61,7 +64,7 @@ def _parse(dataset: str) -> tuple[str, str]:
     what = f'prefix {prefix + "/"!r}' if sep else 'name'
     raise DataError(f'Unknown dataset {dataset!r} (unknown {what}, and no such folder). In memory: '
                     f'{", ".join(list_datasets())}; streamed: torch/<name> ({", ".join(TORCH_DATASETS[:7])}, ...), '
-                    'hfds/<name> or a folder path.')
+                    'hfds/<name>, wds/<name> or a folder path.')
 
 
 def dataset_defaults(dataset: str) -> dict[str, Any]:
@@ -123,9 +126,9 @@ def _class_names(source: Any) -> list[str]:
 
 
 def _channels(source: Any) -> int:
-    """1 for a dataset of grey PIL images (MNIST and kin), else 3 (files are decoded to RGB)."""
+    """1 for a dataset of grey PIL images (MNIST and kin), else 3 (files and shards are decoded to RGB)."""
     from timm.data import ImageDataset
-    if getattr(source, 'samples', None) is not None or isinstance(source, ImageDataset):
+    if getattr(source, 'samples', None) is not None or isinstance(source, (ImageDataset, TarShards)):
         return 3
     return 1 if source[0][0].mode in ('1', 'L', 'I', 'I;16', 'F') else 3
 
@@ -140,10 +143,32 @@ def _open_hfds(name: str, root: Path | None, split: str, download: bool) -> Any:
     return create_dataset(f'hfds/{name}', root=None if root is None else str(root), split=split)
 
 
+def _open_wds(name: str, root: Path | None, train_split: str, test_split: str) -> tuple[TarShards, TarShards]:
+    """The training and test shards of ``wds/<name>``: under ``root/<name>`` if that is a folder, else ``root``."""
+    if root is None:
+        raise DataError(f'data.dataset=wds/{name}: set data.root to the folder of the WebDataset shards '
+                        '(<split>-*.tar, or listed in _info.json).')
+    folder = root / name if (root / name).is_dir() else root
+    if not folder.is_dir():
+        raise DataError(f'wds/{name}: data.root={root} is not a folder; set it to the folder of the shards.')
+    if not shard_files(folder, train_split):
+        raise DataError(f'wds/{name}: {folder} has no shards of the training split {train_split!r} (no '
+                        f'{train_split}-*.tar, {train_split}_*.tar, *-{train_split}-*.tar, {train_split}/*.tar, nor '
+                        'a list in _info.json); set data.train_split.')
+    candidates = list(dict.fromkeys((test_split, 'validation', 'val')))
+    for split in candidates:
+        if shard_files(folder, split):
+            return TarShards(folder, train_split), TarShards(folder, split)
+    raise DataError(f'wds/{name}: {folder} has no test split: no shards of {", ".join(candidates)}; set '
+                    'data.test_split.')
+
+
 def _open_splits(kind: str, name: str, root: Path | None, download: bool, train_split: str,
                  test_split: str) -> tuple[Any, Any]:
     """The training and test datasets (unresized, as timm / torchvision give them)."""
     label = f'{kind}/{name}'
+    if kind == 'wds':
+        return _open_wds(name, root, train_split, test_split)
     if kind == 'path' or (kind == 'torch' and name.lower() in ('folder', 'image_folder')):
         if root is None:
             raise DataError(f'data.dataset={label}: set data.root to the ImageFolder tree.')
@@ -195,10 +220,11 @@ def open_dataset(dataset: str, root: str | None = None, download: bool = False, 
     if kind == 'memory':
         return load_dataset(dataset, root, download, train_split, test_split, img_size=img_size)
     if kind == 'iterable':
-        raise DataError(f'data.dataset={dataset!r}: timm\'s iterable datasets (wds/, hfids/, tfds/) are not '
-                        'supported (their readers split and shuffle the data by process rank, so the 90/10 split and '
-                        'the layer pipeline\'s shared batches cannot hold); use torch/<name>, hfds/<name> or an '
-                        'ImageFolder path.')
+        instead = ('hfds/' + name + ' (the same Hugging Face set, map-style)' if dataset.lower().startswith('hfids/')
+                   else 'wds/<name> or an ImageFolder path (tfds/ also needs TensorFlow; convert the set)')
+        raise DataError(f'data.dataset={dataset!r}: timm\'s iterable datasets (hfids/, tfds/) are not supported '
+                        '(their readers split and shuffle the data by process rank, so the 90/10 split and the layer '
+                        f'pipeline\'s shared batches cannot hold); use {instead}.')
     if kind in _PACKAGES:
         _require(kind)
     if kind == 'path':

@@ -1,11 +1,11 @@
 """Streamed datasets: images decoded one at a time (in DataLoader workers) and fitted to the model's input size.
 
 A streamed dataset is an ``ArrayDataset`` whose ``x`` is an ``ImageStream`` instead of a uint8 tensor: ``x[i]`` reads
-and decodes image ``i`` of a map-style dataset (torchvision's, timm's ``ImageDataset`` or an ImageFolder) and returns
-uint8 ``[C, S, S]``, and ``x[index]`` is the stream of those images, so ``subset`` works unchanged. Labels are read once, up front, without decoding
-an image, so the split, ``train_subset``, ``data_fraction`` and ``label_noise`` are index and label operations as for
-in-memory data; ``ImageLoader`` then decodes each batch in workers and augments it exactly as it augments a batch in
-memory.
+and decodes image ``i`` of a map-style dataset (torchvision's, timm's ``ImageDataset``, an ImageFolder, WebDataset
+shards) and returns uint8 ``[C, S, S]``, and ``x[index]`` is the stream of those images, so ``subset`` works
+unchanged. Labels are read once, up front, without decoding an image, so the split, ``train_subset``,
+``data_fraction`` and ``label_noise`` are index and label operations as for in-memory data; ``ImageLoader`` then
+decodes each batch in workers and augments it exactly as it augments a batch in memory.
 """
 import logging
 from collections.abc import Iterator, Sequence
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .resize import fit_image
 from .sources import ArrayDataset, DataError, read_image
+from .tarshards import TarShards
 
 __all__ = ['STATS_SAMPLE', 'ImageStream', 'decode_batches', 'measure_stats']
 
@@ -47,12 +48,15 @@ def read_source(source: Any, index: int, channels: int) -> Tensor:
     ImageFolder trees (and torchvision's ImageNet, one of them) are decoded from their files with torchvision's
     decoder, as the in-memory ``folder`` path does, so both paths see the same pixels; timm's ``ImageDataset``
     (``hfds/``) is read through its reader (file or bytes; the dataset itself would skip an unreadable image and
-    return the next one, whose label is another); other torchvision datasets give PIL images.
+    return the next one, whose label is another); WebDataset shards (``wds/``) give the image's bytes; other
+    torchvision datasets give PIL images.
     """
     from timm.data import ImageDataset
     samples = getattr(source, 'samples', None)
     if samples is not None:
         return read_image(samples[index][0])
+    if isinstance(source, TarShards):
+        return _decode_bytes(source.read(index), source.describe(index))
     if isinstance(source, ImageDataset):
         handle = source.reader[index][0]
         with handle:

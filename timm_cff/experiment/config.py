@@ -61,7 +61,9 @@ class DataConfig:
                                   'resized to model.img_size), mnist_subset (bundled); streamed (decoded per image '
                                   'in data.workers, resized + centre-cropped to model.img_size): timm names '
                                   'torch/<name> (torch/cifar10, torch/mnist, torch/imagenet, ...), hfds/<name> '
-                                  '(Hugging Face, pip install datasets), or an ImageFolder path')
+                                  '(Hugging Face, pip install datasets), wds/<name> (uncompressed WebDataset .tar '
+                                  'shards with .cls labels under data.root or data.root/<name>: <split>-*.tar or '
+                                  'listed in _info.json), or an ImageFolder path')
     root: str | None = opt(None, 'data folder (torch/: where torchvision finds the files; hfds/: the HF cache); '
                                  'relative paths are also looked up under $TIMM_CFF_DATA')
     download: bool = opt(False, 'let torchvision download the dataset')
