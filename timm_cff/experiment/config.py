@@ -64,9 +64,9 @@ class DataConfig:
                                   '(Hugging Face, pip install datasets), wds/<name> (uncompressed WebDataset .tar '
                                   'shards with .cls labels under data.root or data.root/<name>: <split>-*.tar or '
                                   'listed in _info.json), or an ImageFolder path')
-    root: str | None = opt(None, 'data folder (torch/: where torchvision finds the files; hfds/: the HF cache; wds/: the shards, or '
-                                 'the folder holding <name>/ with them); '
-                                 'relative paths are also looked up under $TIMM_CFF_DATA')
+    root: str | None = opt(None, 'data folder (torch/: where torchvision finds the files; hfds/: the HF cache; '
+                                 'wds/: the shards, or the folder holding <name>/ with them); relative paths are '
+                                 'also looked up under $TIMM_CFF_DATA')
     download: bool = opt(False, 'let torchvision download the dataset')
     train_split: str = opt('train', 'folder datasets: sub-folder with the training images; streamed: the split name')
     test_split: str = opt('test', "sub-folder / split with the test images; if it does not exist, 'validation' then "
