@@ -24,7 +24,7 @@ if [ -f "$DATA/cifar10_jpeg/train.npz" ]; then
 else
   echo "no $DATA/cifar10_jpeg: the runs use the bundled MNIST subset"; DATASET=(--data.dataset=mnist_subset --data.stats=mnist --data.crop_padding=2 --model.patch_size=7)
 fi
-RUN=(--config timm_cff/recipes/cifar10_vit128-4-5_rc.yaml "${DATASET[@]}" --train.epochs=2 --run.device=$DEVICE
+RUN=(--config cifar10_vit128-4-5_rc "${DATASET[@]}" --train.epochs=2 --run.device=$DEVICE
      --run.output="$OUT/runs" --run.quiet=true "${SMALL[@]}")
 step() { local name=$1; shift; local t0=$SECONDS; echo "== $name"; "$@"; echo "== $name: $((SECONDS - t0)) s"; }
 step "device checks" python benchmarks/gpu_check.py --device $DEVICE
