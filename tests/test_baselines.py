@@ -268,10 +268,16 @@ def test_collab_offsets_are_the_other_stages_goodness():
     trainer = create_trainer('collab', model)
     x, y = torch.randn(6, 3, 16, 16), torch.randint(0, C, (6,))
     with torch.no_grad():
-        g = trainer.labelled.goodness(x, y)  # [L, B]
         offsets = trainer._collab_offsets(x, y)
+        # the reference, by hand: Linear + ReLU per layer on the L2-normalised previous output, goodness = mean z^2
+        h, g = trainer.labelled.forward_first(x, y), []  # stage 0 with its label embedding
+        g.append(h.pow(2).mean(1))
+        for layer in model.layers[1:]:
+            unit = h / h.norm(dim=1, keepdim=True)
+            h = torch.relu(unit @ layer.fc.weight.T + layer.fc.bias)
+            g.append(h.pow(2).mean(1))
     for k in range(3):
-        assert torch.allclose(offsets[k], sum(g[j] for j in range(3) if j != k))
+        assert torch.allclose(offsets[k], sum(g[j] for j in range(3) if j != k), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------- one-pass head

@@ -5,7 +5,6 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import make_batch, make_vit
 from timm_cff import LocalTrainer, NonFiniteLossError, linear_margins
@@ -234,11 +233,6 @@ def test_timm_optimizer_names_and_schedulers(vit):
     default = LocalTrainer(make_vit(), lr=4e-3)
     assert isinstance(default.optimizers[0], torch.optim.AdamW) and len(default.optimizers) == 3
     assert len(default.optimizers[0].param_groups) == 1  # decay on every parameter, as the official code
-
-
-def test_cross_entropy_sanity_of_fixture_helpers():
-    (x1, _), y = make_batch()
-    assert F.one_hot(y, 5).shape == (8, 5) and x1.shape == (8, 3, 16, 16)
 
 
 def test_selection_key_and_predict(vit):
