@@ -136,6 +136,8 @@ def test_probe_and_export_subcommands(tmp_path, capsys):
     best = torch.load(run / 'checkpoints' / 'best.pt', weights_only=True)['trainer']['model']
     exported = load_encoder(tmp_path / 'e').state_dict()
     assert all(torch.equal(best[k], exported[k]) for k in best)
+    meta = json.loads((tmp_path / 'e' / 'timm_cff.json').read_text())  # which stage-1 epoch the export holds
+    assert (meta['checkpoint'], meta['epoch']) == ('best', json.loads((run / 'summary.json').read_text())['best_epoch'])
 
 
 @pytest.mark.parametrize('args,message', [

@@ -236,7 +236,8 @@ def export_run(run_path: str | Path, out: str | Path | None = None, checkpoint: 
                          f'Its weights are in {run.checkpoint_path(checkpoint)}.')
     setup.load(run, checkpoint)
     return export_model(setup.model.cpu(), out or run.export_path, data_config=data_config(setup.data),
-                        label_names=setup.data.label_names, metadata=_metadata(cfg, setup, checkpoint=checkpoint))
+                        label_names=setup.data.label_names, metadata=_metadata(cfg, setup, checkpoint=checkpoint,
+                                                                         epoch=setup.trainer.epoch))
 
 
 def _metadata(cfg: Config, setup: RunSetup, **extra: Any) -> dict[str, Any]:
