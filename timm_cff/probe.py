@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .families import HEAD_MODULES
 from .loop import Callback, EpochResult, fit
-from .methods.base import NonFiniteLossError, build_optimizer, build_scheduler
+from .methods.base import NonFiniteLossError, StageOptimizers
 from .metrics import accuracy, first_view
 
 __all__ = ['train_linear_probe', 'ProbeResult']
@@ -137,9 +137,9 @@ def train_linear_probe(
         _reset(head)
     was_training = model.training
     model.eval()  # frozen encoder: no dropout / drop-path
-    head_optimizer = build_optimizer(list(head.parameters()), optimizer, lr, weight_decay, {})
-    sched = build_scheduler(head_optimizer, scheduler) if scheduler else None
-    probe = _Probe(model, head, head_optimizer, sched, cache_features)
+    optimizers = StageOptimizers.create([list(head.parameters())], optimizer, lr=lr, weight_decay=weight_decay,
+                                        scheduler=scheduler)  # the head is the one "stage"
+    probe = _Probe(model, head, optimizers, cache_features)
     record = _Record(head, on_epoch)
     state = fit(probe, train_loader, val_loader, epochs, validate=val_loader is not None, callbacks=[record])
     if record.best_state is not None:
@@ -152,16 +152,15 @@ class _Probe:
     """The probe as a ``loop.Runner``: epochs of cross-entropy on the frozen encoder's features."""
     selection_key = 'loss'
 
-    def __init__(self, model: nn.Module, head: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cache: bool):
-        self.model, self.head, self.optimizer, self.scheduler, self.cache = model, head, optimizer, scheduler, cache
+    def __init__(self, model: nn.Module, head: nn.Module, optimizers: StageOptimizers, cache: bool):
+        self.model, self.head, self.optimizers, self.cache = model, head, optimizers, cache
         self._caches: dict[int, _FeatureCache] = {}
         self.epoch = 0
 
     def train_epoch(self, loader: Iterable, on_step=None) -> dict[str, float]:
-        metrics = _run_epoch(self.model, self.head, self._batches(loader), self.optimizer)
+        metrics = _run_epoch(self.model, self.head, self._batches(loader), self.optimizers.optimizers[0])
         self.epoch += 1
-        if self.scheduler is not None:
-            self.scheduler.step(self.epoch)
+        self.optimizers.step_epoch(self.epoch)  # the schedule, if any
         return metrics
 
     def evaluate(self, loader: Iterable) -> dict[str, float]:
