@@ -28,6 +28,7 @@ from .sources import (
     image_folder,
     list_datasets,
     load_dataset,
+    candidate_test_splits,
     resolve_root,
 )
 from .streaming import ImageStream, read_source
@@ -155,7 +156,7 @@ def _open_wds(name: str, root: Path | None, train_split: str, test_split: str) -
         raise DataError(f'wds/{name}: {folder} has no shards of the training split {train_split!r} (no '
                         f'{train_split}-*.tar, {train_split}_*.tar, *-{train_split}-*.tar, {train_split}/*.tar, nor '
                         'a list in _info.json); set data.train_split.')
-    candidates = list(dict.fromkeys((test_split, 'validation', 'val')))
+    candidates = candidate_test_splits(test_split)
     for split in candidates:
         if shard_files(folder, split):
             return TarShards(folder, train_split), TarShards(folder, split)
@@ -186,7 +187,7 @@ def _open_splits(kind: str, name: str, root: Path | None, download: bool, train_
                         f'({_first_line(e)}); {hint} set --data.root to a copy.') from None
     # torchvision's train/test pairs give their test set for any split name but a training one
     fixed_pair = kind == 'torch' and name.lower() in _TRAIN_TEST_PAIRS
-    candidates = ['test'] if fixed_pair else list(dict.fromkeys((test_split, 'validation', 'val')))
+    candidates = ['test'] if fixed_pair else candidate_test_splits(test_split)
     errors = []
     for split in candidates:
         try:

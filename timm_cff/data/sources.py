@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .resize import fit_image
 
-__all__ = ['DATASET_DEFAULTS', 'ArrayDataset', 'DataError', 'folder_splits', 'image_folder', 'list_datasets',
+__all__ = ['DATASET_DEFAULTS', 'ArrayDataset', 'DataError', 'candidate_test_splits', 'folder_splits', 'image_folder', 'list_datasets',
            'load_dataset', 'prepare_tiny_imagenet', 'read_image', 'resolve_root']
 
 _logger = logging.getLogger(__name__)
@@ -158,15 +158,22 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[ArrayDatas
     return out[0], out[1]
 
 
-def read_image(path: str | Path) -> Tensor:
-    """The image file at ``path`` as uint8 RGB ``[3, H, W]`` (torchvision's decoder); a file that does not decode is
-    named."""
+def read_image(image: str | Path | bytes, name: str | None = None) -> Tensor:
+    """An image file (its path) or its encoded ``bytes`` as uint8 RGB ``[3, H, W]`` (torchvision's decoder); one that
+    does not decode is named (``name``, default the path)."""
     from torchvision.io import ImageReadMode, decode_image
+    data = torch.frombuffer(bytearray(image), dtype=torch.uint8) if isinstance(image, bytes) else str(image)
     try:
-        return decode_image(str(path), mode=ImageReadMode.RGB)
+        return decode_image(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError, OSError) as e:
-        raise DataError(f'{path} is not a readable image ({str(e).splitlines()[0][:120]}); repair or remove '
-                        'it.') from None
+        raise DataError(f'{name or image} is not a readable image ({str(e).splitlines()[0][:120]}); repair or '
+                        'remove it.') from None
+
+
+def candidate_test_splits(test_split: str) -> list[str]:
+    """The test split's names to try, in order: ``test_split``, then ImageNet's / Hugging Face's ``validation``,
+    ``val``."""
+    return list(dict.fromkeys((test_split, 'validation', 'val')))
 
 
 def image_folder(folder: Path, classes: list[str] | None = None):
@@ -194,7 +201,7 @@ def folder_splits(root: Path, train_split: str, test_split: str) -> tuple[Path, 
     if not (root / train_split).is_dir():
         raise DataError(f'{root} has no training split folder {train_split!r}; a folder dataset needs '
                         '<root>/<train_split>/<class>/*.jpg (set data.train_split).')
-    candidates = list(dict.fromkeys((test_split, 'validation', 'val')))
+    candidates = candidate_test_splits(test_split)
     for split in candidates:
         if (root / split).is_dir():
             return root / train_split, root / split

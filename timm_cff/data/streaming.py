@@ -27,15 +27,6 @@ _logger = logging.getLogger(__name__)
 STATS_SAMPLE = 2000
 
 
-def _decode_bytes(data: bytes, name: str) -> Tensor:
-    from torchvision.io import ImageReadMode, decode_image
-    try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError) as e:
-        raise DataError(f'{name} is not a readable image ({str(e).splitlines()[0][:120]}); repair or remove '
-                        'it.') from None
-
-
 def _pil_to_uint8(image: Any, channels: int) -> Tensor:
     from torchvision.transforms.v2.functional import pil_to_tensor
     mode = 'L' if channels == 1 else 'RGB'
@@ -56,12 +47,12 @@ def read_source(source: Any, index: int, channels: int) -> Tensor:
     if samples is not None:
         return read_image(samples[index][0])
     if isinstance(source, TarShards):
-        return _decode_bytes(source.read(index), source.describe(index))
+        return read_image(source.read(index), source.describe(index))
     if isinstance(source, ImageDataset):
         handle = source.reader[index][0]
         with handle:
             data = handle.read()
-        return _decode_bytes(data, f'image {index} of {getattr(source.reader, "root", None) or "the dataset"}')
+        return read_image(data, f'image {index} of {getattr(source.reader, "root", None) or "the dataset"}')
     try:
         image = source[index][0]
     except (OSError, ValueError) as e:  # PIL's errors on a damaged file (Places365, iNaturalist)

@@ -13,7 +13,7 @@ from ..data.loader import ImageLoader
 from ..data.named import dataset_defaults, open_dataset
 from ..data.sources import ArrayDataset, DataError
 from ..data.splits import corrupt_labels, keep_fraction, split_train_val
-from ..data.streaming import STATS_SAMPLE, measure_stats
+from ..data.streaming import measure_stats
 from .config import DataConfig
 
 __all__ = ['PreparedData', 'prepare_data', 'create_loaders']
@@ -52,7 +52,7 @@ def _stats(cfg: DataConfig, train: ArrayDataset) -> tuple[tuple[float, ...], tup
         return tuple(cfg.mean), tuple(cfg.std)
     name = dataset_defaults(cfg.dataset)['stats'] if cfg.stats == 'auto' else cfg.stats
     if name == 'auto' and train.streamed:  # too large to measure whole: a fixed sample
-        return measure_stats(train, cfg.workers, STATS_SAMPLE)
+        return measure_stats(train, cfg.workers)
     if name == 'auto':  # npz / folder without a named dataset: measure the training split
         pixels = train.x.float().div(255).transpose(0, 1).flatten(1)  # [C, N·H·W]
         return tuple(pixels.mean(1).tolist()), tuple(pixels.std(1).tolist())
