@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from timm.utils import AverageMeter
 from torch import Tensor, nn
 
 from .families import HEAD_MODULES
@@ -75,7 +76,7 @@ class _FeatureCache:
 def _run_epoch(model: nn.Module, head: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
                optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
     """One pass over encoded batches; trains the head when an optimizer is given."""
-    loss_sum, top1_sum, count = 0.0, 0.0, 0
+    loss_meter, top1_meter = AverageMeter(), AverageMeter()  # per-sample means
     head.train(optimizer is not None)
     for step, (features, y) in enumerate(batches):
         with torch.set_grad_enabled(optimizer is not None):
@@ -87,12 +88,11 @@ def _run_epoch(model: nn.Module, head: nn.Module, batches: Iterable[tuple[Tensor
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        loss_sum += loss.detach() * len(y)
-        top1_sum += accuracy(logits.detach(), y)[0] * len(y)
-        count += len(y)
-    if count == 0:
+        loss_meter.update(float(loss), len(y))
+        top1_meter.update(accuracy(logits.detach(), y)[0], len(y))
+    if loss_meter.count == 0:
         raise ValueError('The probe loader yielded no batches.')
-    return {'loss': float(loss_sum) / count, 'top1': top1_sum / count}
+    return {'loss': loss_meter.avg, 'top1': top1_meter.avg}
 
 
 def train_linear_probe(
