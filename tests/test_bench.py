@@ -3,6 +3,7 @@ against steps of known duration, memory peaks against allocations of known size,
 every benchmark script still imports and runs (``--quick`` and tiny sizes)."""
 import importlib.util
 import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -207,3 +208,13 @@ def test_redesign_speed_runs_both_checkouts(tmp_path):
         assert len(run['cff']['cpu_ms']) == len(run['bp']['wall_ms']) == 2
         assert saved[name]['cpu_ms']['cff']['n'] == 2 and saved[name]['wall_ms']['cff_over_bp']['median'] > 0
     assert '| old |' in (tmp_path / 'speed.md').read_text()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc settings')
+def test_allocator_benchmark_runs_both_settings_on_the_same_arithmetic(tmp_path):
+    _load_script('allocator').main(['--methods', 'bp', '--depth', '1', '--batch', '8', '--steps', '1',
+                                    '--repeats', '1', '--threads', '1', '--out', str(tmp_path / 'alloc')])
+    rows = json.loads((tmp_path / 'alloc.json').read_text())['rows']
+    assert [r['setting'] for r in rows] == ['default', 'tuned'] and [r['applied'] for r in rows] == [False, True]
+    assert rows[0]['weights_checksum'] == rows[1]['weights_checksum']
+    assert '| bp | tuned |' in (tmp_path / 'alloc.md').read_text()

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..data import DataError
 from ..methods import NonFiniteLossError
+from .allocator import keep_freed_memory
 from .commands import analyze_path, evaluate_export, evaluate_run, export_run, train_run
 from .compare import format_comparison, summarize_run, write_comparison
 from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
@@ -193,6 +194,7 @@ def _apply(overrides: dict[str, Any]):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(quiet=False)
+    keep_freed_memory()  # CPU steps reuse freed activations instead of faulting fresh pages in (see allocator.py)
     try:
         if args.command == 'train':
             result = _train(args)

@@ -75,11 +75,12 @@ def environment() -> dict[str, Any]:
     import torchvision
 
     from ..version import __version__
+    from .allocator import malloc_state
     return {
         'timm_cff': __version__, 'timm': timm.__version__, 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'python': platform.python_version(), 'platform': platform.platform(),
         'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        'cpu_threads': torch.get_num_threads(), 'argv': sys.argv,
+        'cpu_threads': torch.get_num_threads(), 'malloc': malloc_state(), 'argv': sys.argv,
     }
 
 
