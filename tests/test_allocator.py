@@ -27,10 +27,15 @@ print(json.dumps({'applied': applied, 'faults': resource.getrusage(resource.RUSA
 """
 
 
+def _clean_env() -> dict[str, str]:
+    """This environment without any malloc choice of its own."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith('MALLOC_') and k not in ('GLIBC_TUNABLES', 'TIMM_CFF_MALLOC', 'LD_PRELOAD')}
+
+
 def _faults(mode: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith('MALLOC_') and k not in ('GLIBC_TUNABLES', 'TIMM_CFF_MALLOC', 'LD_PRELOAD')}
-    done = subprocess.run([sys.executable, '-c', _FAULTS, mode], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, '-c', _FAULTS, mode], env=_clean_env(), capture_output=True, text=True,
+                          check=True)
     return json.loads(done.stdout)
 
 
@@ -52,11 +57,10 @@ def test_settings_the_user_chose_win(environ):
 
 @pytest.mark.skipif(not GLIBC, reason='glibc malloc settings')
 def test_the_cli_sets_the_allocator_and_the_run_records_it(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'TIMM_CFF_MALLOC'}
     recipe = allocator.__file__.replace('experiment/allocator.py', 'recipes/quickstart.yaml')
     subprocess.run([sys.executable, '-m', 'timm_cff', 'train', '--config', recipe, '--train.epochs=1',
                     '--train.max_steps=1', '--probe.epochs=0', '--data.train_subset=64', '--data.test_subset=32',
                     '--data.batch_size=32', '--model.depth=1', '--model.embed_dim=16', '--run.quiet=true',
-                    f'--run.output={tmp_path}', '--run.name=r'], env=env, check=True, capture_output=True)
+                    f'--run.output={tmp_path}', '--run.name=r'], env=_clean_env(), check=True, capture_output=True)
     recorded = json.loads((tmp_path / 'r' / 'environment.json').read_text())['malloc']
     assert recorded == ', '.join(f'{name}={value}' for name, _, value in allocator.MALLOC_SETTINGS)
