@@ -88,7 +88,7 @@ def _run_epoch(model: nn.Module, head: nn.Module, batches: Iterable[tuple[Tensor
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        loss_meter.update(float(loss), len(y))
+        loss_meter.update(float(loss.detach()), len(y))
         top1_meter.update(accuracy(logits.detach(), y)[0], len(y))
     if loss_meter.count == 0:
         raise ValueError('The probe loader yielded no batches.')
