@@ -3,6 +3,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from timm_cff import export_model
 from timm_cff.experiment.cli import main
 from timm_cff.experiment.config import parse_override
+from timm_cff.experiment.rundir import RunDir
 from timm_cff.experiment.transfer import transfer_probe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,3 +157,32 @@ def test_run_folder_probe_with_a_new_dataset_drops_the_old_train_subset(tmp_path
     dropped = dropped_lines(capsys.readouterr().err)
     assert len(dropped) == 1 and all(f'data.{k}' in dropped[0] for k in ('train_subset=100', 'test_subset=32',
                                                                           'crop_padding=2'))
+
+
+def test_probe_of_a_training_runs_best_checkpoint_only_reads_the_run(tmp_path, capsys):
+    tiny = ['--train.epochs=2', '--train.max_steps=2', '--probe.epochs=1', '--data.train_subset=100',
+            '--data.test_subset=32', '--data.batch_size=32', '--model.depth=1', '--model.embed_dim=16',
+            '--run.quiet=true', '--run.device=cpu']
+    assert main(['train', '--config', QUICKSTART, *tiny, f'--run.output={tmp_path}', '--run.name=r']) == 0
+    run, out = tmp_path / 'r', tmp_path / 'snapshot'
+    shutil.rmtree(run / 'export')  # as while it trains: no export yet, and a live process holds the run
+    (run / 'summary.json').unlink()
+    RunDir(run).lock()
+    before = file_hashes(run)
+    capsys.readouterr()
+    assert main(['probe', str(run), *PROBE]) == 1  # the in-place probe of a run in use is refused ...
+    assert 'is in use by process' in capsys.readouterr().err
+    assert main(['probe', str(run), '--checkpoint', 'best', '--out', str(out), *PROBE]) == 0  # ... a snapshot is not
+    assert file_hashes(run) == before
+    best = torch.load(run / 'checkpoints' / 'best.pt', weights_only=True)
+    meta = json.loads((out / 'timm_cff.json').read_text())
+    assert meta['source'] == {'path': str(run.resolve()), 'export': None, 'checkpoint': 'best',
+                              'epoch': best['epoch'], 'data': meta['source']['data']}
+    assert meta['source']['data']['train_subset'] == 100 and meta['data']['train_subset'] == 100  # the run's data
+    weights, encoder = load_file(out / 'model.safetensors'), best['trainer']['model']
+    frozen = [k for k in encoder if not k.startswith(('fc_norm.', 'head.'))]
+    assert frozen and all(torch.equal(weights[k], encoder[k]) for k in frozen)  # the best epoch's encoder
+    assert f'export: {out}' in capsys.readouterr().out
+    assert main(['probe', str(out), '--checkpoint', 'best', *PROBE]) == 1  # an export has no checkpoints
+    assert '--checkpoint picks a checkpoint of a run folder' in capsys.readouterr().err
+    RunDir(run).unlock()

@@ -92,8 +92,11 @@ _PROBE_HELP = """Linear probe (fc_norm + head) on a frozen encoder.
   timm-cff probe RUN/export --data.dataset=npz --data.root=DIR [--out NEW] [--probe.*=...]
       transfer probe: the export's encoder (a run folder means its export/) with a new head for the new data's
       classes, trained on the new data, tested, and written as a NEW timm export folder; the source is only read
+  timm-cff probe RUN --checkpoint best [--out NEW] [--data.*=...]
+      the same from a run's best stage-1 checkpoint so far, also while the run trains (the run is only read)
 
-An export folder, another data.dataset or data.root than the source's, or --out make it a transfer probe. With
+An export folder, another data.dataset or data.root than the source's, --out or --checkpoint make it a transfer
+probe. With
 another dataset or root the data section starts from the defaults plus the data.* keys given (the source's other
 data keys, e.g. data.train_subset, are logged as dropped); probe.* settings are the defaults plus the keys given.
 A transfer probe reads only data.*, probe.* and run.seed/device/topk/metric/quiet; images with other channels or
@@ -118,6 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     probe.add_argument('--out', metavar='DIR', help='transfer probe: the new export folder (missing, empty or an '
                        'earlier export; default: PATH-probe-DATA-TIME beside PATH, or beside the run of a run\'s '
                        'export)')
+    probe.add_argument('--checkpoint', choices=('best', 'final'), help="transfer probe of this checkpoint of the run "
+                       "folder PATH instead of its export ('best': stage 1's best epoch so far, also while it trains)")
     _add_config_options(probe)
     evaluate = sub.add_parser('eval', allow_abbrev=False, help='test accuracy of a run or an export folder')
     evaluate.add_argument('path', help='a run folder or an export folder (config.json + model.safetensors)')
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == 'train':
             result = _train(args)
         elif args.command == 'probe':
-            result = probe_path(args.path, _overrides(args), args.out, TqdmProgress())
+            result = probe_path(args.path, _overrides(args), args.out, TqdmProgress(), args.checkpoint)
         elif args.command == 'eval':
             path = Path(args.path)
             result = evaluate_export(path, _overrides(args)) if (path / 'config.json').exists() else \

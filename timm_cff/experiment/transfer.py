@@ -1,8 +1,8 @@
 """``timm-cff probe PATH``: the linear probe of a frozen encoder, in place on a run's own data or onto new data.
 
     probe_path       a run on its own data -> commands.probe_run (in place); anything else -> transfer_probe
-    transfer_probe   export (or a run's export) -> reset_classifier(C) -> train_linear_probe on the new data ->
-                     test -> a NEW timm export folder; the source is only read
+    transfer_probe   export (or a run's export, or a run's stage-1 checkpoint) -> reset_classifier(C) ->
+                     train_linear_probe on the new data -> test -> a NEW timm export folder; the source is only read
 
 A transfer probe's data section is the source's when the dataset and root stay the same, else the defaults plus
 the keys given: a key such as ``data.train_subset`` belongs to the source's data and is not carried over silently.
@@ -10,6 +10,7 @@ the keys given: a key such as ``data.train_subset`` belongs to the source's data
 import json
 import logging
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from ..export import METADATA_FILE, check_replaceable, export_model, load_encode
 from ..metrics import evaluate_accuracy
 from ..probe import ProbeResult
 from .build import data_config, resolve_device, seed_all
-from .commands import probe_run
+from .commands import export_run, probe_run
 from .config import Config, ConfigError, apply_overrides, check_values, flatten, iter_fields
 from .data import PreparedData, create_loaders, prepare_data
 from .progress import Progress
@@ -65,13 +66,14 @@ def is_new_data(source: str | Path, overrides: dict[str, Any]) -> bool:
 
 
 def probe_path(path: str | Path, overrides: dict[str, Any] | None = None, out: str | Path | None = None,
-               progress: Progress | None = None) -> dict[str, Any]:
-    """``timm-cff probe PATH``: a run folder on its own data without ``out`` is re-probed in place
-    (``probe_run``, as before); an export folder, new data or ``out`` give a transfer probe into a new folder."""
+               progress: Progress | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+    """``timm-cff probe PATH``: a run folder on its own data without ``out`` or ``checkpoint`` is re-probed in place
+    (``probe_run``); an export folder, new data, ``out`` or a run's ``checkpoint`` give a transfer probe into a new
+    folder."""
     path, overrides = Path(path), flatten(overrides or {})
-    if not _is_export(path) and out is None and not is_new_data(path, overrides):
+    if checkpoint is None and not _is_export(path) and out is None and not is_new_data(path, overrides):
         return probe_run(path, (lambda cfg: apply_overrides(cfg, overrides)) if overrides else None, progress)
-    return transfer_probe(path, overrides, out, progress)
+    return transfer_probe(path, overrides, out, progress, checkpoint)
 
 
 def _check_keys(overrides: dict[str, Any]) -> None:
@@ -112,6 +114,21 @@ def _export_of(source: Path) -> Path:
         raise FileNotFoundError(f'{source} has no export folder ({run.export_path}); write one with `timm-cff '
                                 f'export {source}`, then probe it.')
     return run.export_path
+
+
+def _load_source(source: Path, checkpoint: str | None) -> tuple[Any, dict[str, Any], Path | None]:
+    """The encoder to probe, its export metadata, and its export folder: the source's export, or (``checkpoint``)
+    that checkpoint of a run exported to a scratch folder and read from there (``None``): the run, also one that is
+    still training, is only read."""
+    if checkpoint is None:
+        export_dir = _export_of(source)
+        return load_encoder(export_dir), _read_meta(export_dir), export_dir
+    if _is_export(source):
+        raise ConfigError(f'--checkpoint picks a checkpoint of a run folder, but {source} is an export folder; probe '
+                          'it without --checkpoint.')
+    with tempfile.TemporaryDirectory(prefix='timm-cff-probe-') as scratch:
+        export_dir = export_run(source, Path(scratch) / 'export', checkpoint)
+        return load_encoder(export_dir), _read_meta(export_dir), None
 
 
 def _protected(source: Path) -> Path:
@@ -159,9 +176,10 @@ def _check_shapes(model: Any, data: PreparedData, cfg: Config) -> None:
 
 
 def transfer_probe(source: str | Path, overrides: dict[str, Any] | None = None, out: str | Path | None = None,
-                   progress: Progress | None = None) -> dict[str, Any]:
-    """Probe the frozen encoder of ``source`` (an export folder, or a run folder's export) on the data of
-    ``overrides`` and write the result as a new timm export folder ``out``; ``source`` is only read.
+                   progress: Progress | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+    """Probe the frozen encoder of ``source`` (an export folder, a run folder's export, or a run's stage-1
+    checkpoint) on the data of ``overrides`` and write the result as a new timm export folder ``out``; ``source`` is
+    only read.
 
     Args:
         source: an export folder (config.json + model.safetensors + timm_cff.json) or a run folder.
@@ -169,6 +187,8 @@ def transfer_probe(source: str | Path, overrides: dict[str, Any] | None = None, 
         out: the new folder: missing, empty or an earlier export (not inside the source); default
             ``<source>-probe-<data>-<time>`` beside the source.
         progress: probe-epoch progress hooks.
+        checkpoint: ``'best'`` or ``'final'``: probe that checkpoint of the run folder ``source`` instead of its
+            export (``'best'`` works while the run trains: a snapshot of its best epoch so far).
 
     Returns:
         The summary: ``export`` (the new folder), ``source``, ``num_classes``, ``num_images`` per split,
@@ -177,12 +197,12 @@ def transfer_probe(source: str | Path, overrides: dict[str, Any] | None = None, 
     progress = progress or Progress()
     source, overrides = Path(source), flatten(overrides or {})
     _check_keys(overrides)
-    export_dir = _export_of(source)
     cfg = _config(source, overrides)
     out = Path(out) if out is not None else _default_out(source, cfg)
     _check_out(out, source)
     device = resolve_device(cfg.run.device)
-    model = load_encoder(export_dir)
+    model, source_meta, export_dir = _load_source(source, checkpoint)
+    origin = export_dir or f'{source} ({checkpoint} checkpoint, epoch {source_meta.get("epoch")})'
     data = prepare_data(cfg.data, model.pretrained_cfg['input_size'][1])  # folders/streams fitted to the export
     _check_shapes(model, data, cfg)
     seed_all(cfg.run.seed + 2)  # the seed of stage 2 in a run
@@ -193,23 +213,24 @@ def transfer_probe(source: str | Path, overrides: dict[str, Any] | None = None, 
     test = evaluate_accuracy(model, loaders['test'], topk=cfg.run.topk)
     name = cfg.data.root or cfg.data.dataset
     export_model(model.cpu(), out, data_config=data_config(data), label_names=data.label_names,
-                 metadata=_metadata(source, export_dir, cfg, data, result, test),
-                 description=f'Linear probe on {name} of the encoder of {export_dir} (timm-cff).')
-    progress.message(f'probe of {export_dir} on {name}: best epoch {result.best_epoch}, val loss '
+                 metadata=_metadata(source, source_meta, export_dir, cfg, data, result, test),
+                 description=f'Linear probe on {name} of the encoder of {origin} (timm-cff).')
+    progress.message(f'probe of {origin} on {name}: best epoch {result.best_epoch}, val loss '
                      f'{result.best_val_loss:.4f}')
     return {'export': str(out), 'source': str(source), 'num_classes': data.num_classes,
             'num_images': _num_images(data), 'stage2': _stage2(result), 'test': test,
             'metric': {cfg.run.metric: test.get(cfg.run.metric)}}
 
 
-def _metadata(source: Path, export_dir: Path, cfg: Config, data: PreparedData, result: ProbeResult,
-              test: dict[str, float]) -> dict[str, Any]:
+def _metadata(source: Path, source_meta: dict[str, Any], export_dir: Path | None, cfg: Config, data: PreparedData,
+              result: ProbeResult, test: dict[str, float]) -> dict[str, Any]:
     """``timm_cff.json`` of the new export: what ``timm-cff eval``/``analyze`` read (method, margins, data), where
-    the encoder came from, the probe and its test accuracy, and the class names."""
-    source_meta = _read_meta(export_dir)
+    the encoder came from (export folder, or run checkpoint and its epoch), the probe and its test accuracy, and the
+    class names."""
+    origin = {'export': str(export_dir.resolve())} if export_dir is not None else \
+        {'export': None, 'checkpoint': source_meta.get('checkpoint'), 'epoch': source_meta.get('epoch')}
     return {'method': source_meta.get('method'), 'margins': source_meta.get('margins'),
-            'source': {'path': str(source.resolve()), 'export': str(export_dir.resolve()),
-                       'data': source_meta.get('data')},
+            'source': {'path': str(source.resolve()), **origin, 'data': source_meta.get('data')},
             'data': vars(cfg.data), 'num_classes': data.num_classes, 'num_images': _num_images(data),
             'probe': {**vars(cfg.probe), 'seed': cfg.run.seed, **_stage2(result), 'history': result.history},
             'test': test, 'label_names': data.label_names}
