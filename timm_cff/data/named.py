@@ -24,11 +24,11 @@ from .sources import (
     DATASET_DEFAULTS,
     ArrayDataset,
     DataError,
+    candidate_test_splits,
     folder_splits,
     image_folder,
     list_datasets,
     load_dataset,
-    candidate_test_splits,
     resolve_root,
 )
 from .streaming import ImageStream, read_source

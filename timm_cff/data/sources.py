@@ -16,8 +16,8 @@ from torch import Tensor
 
 from .resize import fit_image
 
-__all__ = ['DATASET_DEFAULTS', 'ArrayDataset', 'DataError', 'candidate_test_splits', 'folder_splits', 'image_folder', 'list_datasets',
-           'load_dataset', 'prepare_tiny_imagenet', 'read_image', 'resolve_root']
+__all__ = ['DATASET_DEFAULTS', 'ArrayDataset', 'DataError', 'candidate_test_splits', 'folder_splits', 'image_folder',
+           'list_datasets', 'load_dataset', 'prepare_tiny_imagenet', 'read_image', 'resolve_root']
 
 _logger = logging.getLogger(__name__)
 

@@ -158,7 +158,8 @@ class TarShards:
                 self.keys.append(key)
                 self.targets.append(sample['label'])
         # tensors, not lists of ints: forked workers then share these pages instead of copying them on refcounts
-        self._shard, self._offset, self._size = (torch.tensor(v, dtype=torch.int64) for v in (shard_ids, offsets, sizes))
+        self._shard, self._offset, self._size = (torch.tensor(v, dtype=torch.int64)
+                                                 for v in (shard_ids, offsets, sizes))
         info = _read_info(self.root)
         names = info.get('classes') or info.get('label_names')
         self.classes = [str(c) for c in names] if names else [str(c) for c in range(max(self.targets, default=-1) + 1)]

@@ -1,7 +1,8 @@
 """From a ``DataConfig`` to the loaders of a run: load, split 90/10, corrupt (Table 4), pick stats, build loaders.
 
 Every step works on labels and indices, so it is the same for in-memory datasets (``ArrayDataset``) and streamed ones
-(an ``ArrayDataset`` over an ``ImageStream``: timm's ``torch/``, ``hfds/``, ``wds/`` names and folder paths, decoded per image in ``data.workers``).
+(an ``ArrayDataset`` over an ``ImageStream``: timm's ``torch/``, ``hfds/``, ``wds/`` names and folder paths, decoded
+per image in ``data.workers``).
 """
 import logging
 from dataclasses import dataclass
