@@ -100,6 +100,17 @@ def test_compare_tables_finished_interrupted_and_extended_runs(tmp_path, capsys,
     assert cells[0][6] == f"{summary['test']['top1']:.2f}" and cells[0][7] == f"top1 {summary['test']['top1']:.2f}"
     assert cells[1][:5] == ['ff', 'FF', 'MLP[32 2]', 'mnist_subset', '3 of 3, unfinished']
     assert cells[1][5] == f'{_best_by_csv(tmp_path / "ff", key)} so far' and cells[1][6:9] == ['–', '–', '–']
+    # --out keeps both runs' epochs in one CSV: each run's own cells verbatim, the other run's columns empty
+    assert main(['compare', str(tmp_path / 'cffm'), str(tmp_path / 'ff'), '--out', str(tmp_path / 't')]) == 0
+    with (tmp_path / 't.history.csv').open() as f:
+        history = list(csv.DictReader(f))
+    for name in ('cffm', 'ff'):
+        with (tmp_path / name / 'metrics.csv').open() as f:
+            own = list(csv.DictReader(f))
+        mine = [r for r in history if r['run'] == name]
+        assert [{k: r[k] for k in own[0]} for r in mine] == own and len(own) == 3
+        assert all(v == '' for r in mine for k, v in r.items() if k not in own[0] and k != 'run')
+    assert set(own[0]) != set(history[0]) - {'run'}  # the two runs have different columns
     row = summarize_run(tmp_path / 'ff')  # an unfinished run still knows its data from dataset.json
     assert row['train_images'] == 180 and not row['stopped_early'] and row['s_per_epoch'] > 0
     # a summary without an epoch count (older runs) counts while it is newer than the last epoch

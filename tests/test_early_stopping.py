@@ -107,3 +107,7 @@ def test_compare_reads_a_stopped_run_as_finished_and_writes_json(tmp_path, capsy
     assert row['stage1_s'] == round(sum(times), 2) and row['s_per_epoch'] == round(sum(times) / len(times), 2)
     table = out.with_suffix('.md').read_text()
     assert f"| {s['epochs']} of 8, stopped (patience 1) |" in table and 'CFF+M (0.4→0.1, τ 0.15)' in table
+    with (tmp_path / 'stop' / 'metrics.csv').open() as f:
+        epochs = list(csv.DictReader(f))
+    with out.with_name('recipe.history.csv').open() as f:
+        assert list(csv.DictReader(f)) == [{'run': 'stop', **epoch} for epoch in epochs]  # every epoch, verbatim

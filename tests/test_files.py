@@ -77,6 +77,9 @@ def test_compare_and_analyze_outputs_never_overwrite_other_files(tmp_path, capsy
     assert notes.read_text() == 'my table\n' and not (tmp_path / 'table.json').exists()
     assert main(['compare', str(run), '--out', str(tmp_path / 'ok')]) == 0
     assert main(['compare', str(run), '--out', str(tmp_path / 'ok')]) == 0  # its own earlier output is replaced
+    (tmp_path / 'mine.history.csv').write_text('epoch,loss\n1,0.5\n')  # a CSV of the user's own
+    assert main(['compare', str(run), '--out', str(tmp_path / 'mine')]) == 1
+    assert (tmp_path / 'mine.history.csv').read_text() == 'epoch,loss\n1,0.5\n'
     mine = tmp_path / 'analysis'
     mine.mkdir()
     (mine / 'report.md').write_text('my report\n')

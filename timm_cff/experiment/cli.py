@@ -25,7 +25,7 @@ from ..data import DataError
 from ..methods import NonFiniteLossError
 from .allocator import keep_freed_memory
 from .commands import analyze_path, evaluate_export, evaluate_run, export_run, train_run
-from .compare import format_comparison, summarize_run, write_comparison
+from .compare import format_comparison, read_histories, summarize_run, write_comparison
 from .config import Config, ConfigError, apply_overrides, iter_fields, load_config, parse_override
 from .progress import Progress
 from .recipes import Recipe, list_recipes, resolve_recipe
@@ -146,8 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument('--format', choices=('markdown', 'json'), default='markdown',
                          help='print a markdown table or a JSON list of rows (default: markdown)')
     compare.add_argument('--json', dest='format', action='store_const', const='json', help='same as --format json')
-    compare.add_argument('--out', metavar='PREFIX', help='also write PREFIX.json and PREFIX.md, e.g. '
-                         'docs/results/cifar10_vit128-4-5_rc')
+    compare.add_argument('--out', metavar='PREFIX', help='also write PREFIX.json, PREFIX.md and the runs\' '
+                         'per-epoch metrics as PREFIX.history.csv, e.g. docs/results/cifar10_vit128-4-5_rc')
     recipes = sub.add_parser('recipes', allow_abbrev=False, help='list the shipped recipes',
                              description='The recipes shipped in the package, each with the paper row it reproduces; '
                              'pass a name to --config.')
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = [summarize_run(path) for path in args.run_dirs]
             print(json.dumps(rows, indent=2, ensure_ascii=False) if args.format == 'json' else format_comparison(rows))
             if args.out:
-                write_comparison(rows, args.out)
+                write_comparison(rows, args.out, read_histories(args.run_dirs))
             result = None
         else:
             result = {'export': str(export_run(args.run_dir, args.out, args.checkpoint))}

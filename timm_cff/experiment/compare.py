@@ -2,7 +2,9 @@
 
 A finished run is read from its ``summary.json``; a run still training, interrupted or being extended from
 ``metrics.csv`` and the best epoch so far saved at its resume point, so a table can be drawn while long runs go on.
+``--out`` also keeps every run's per-epoch history beside the table, so the curves outlive the run folders.
 """
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from ..loss import takes_margin
 from .config import Config
 from .rundir import DATASET_FILE, RunDir
 
-__all__ = ['summarize_run', 'format_comparison', 'write_comparison', 'method_name', 'method_label']
+__all__ = ['summarize_run', 'read_histories', 'format_comparison', 'write_comparison', 'method_name', 'method_label']
 
 def method_name(cfg: Config) -> tuple[str, str]:
     """The paper's name of the column a config trains and the settings that qualify it, e.g.
@@ -84,6 +86,12 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
     return row
 
 
+def read_histories(paths: list[str | Path]) -> list[dict[str, str]]:
+    """Every epoch of the runs' ``metrics.csv`` files, in order: one dict per epoch, ``run`` (the folder name)
+    first, then the run's own columns (``epoch, time_s, lr, train_loss, ..., val_loss_stage{i}``)."""
+    return [{'run': RunDir(path).path.name, **row} for path in paths for row in RunDir(path).read_rows('metrics.csv')]
+
+
 def _current_summary(run: RunDir, epochs_run: int) -> dict[str, Any] | None:
     """``summary.json`` if it describes the epochs in ``metrics.csv``; a run extended with ``--train.epochs=N`` keeps
     the summary of its shorter self until it finishes. Summaries without ``epochs`` are dated by file time."""
@@ -147,15 +155,32 @@ def _is_table(path: Path) -> bool:
         return False
 
 
-def write_comparison(rows: list[dict[str, Any]], out: str | Path) -> tuple[Path, Path]:
-    """``OUT.json`` (the rows) and ``OUT.md`` (the table) side by side, e.g. ``docs/results/<recipe>``."""
+def _is_history(path: Path) -> bool:
+    try:
+        with path.open() as f:
+            return f.readline().startswith('run,epoch,')
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def write_comparison(rows: list[dict[str, Any]], out: str | Path,
+                     history: list[dict[str, str]] | None = None) -> tuple[Path, ...]:
+    """``OUT.json`` (the rows) and ``OUT.md`` (the table) side by side, e.g. ``docs/results/<recipe>``, and with
+    ``history`` (:func:`read_histories`) ``OUT.history.csv``: its epochs, the columns of all runs (a cell of a
+    column another run has is empty)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = out.with_name(out.name + '.json'), out.with_name(out.name + '.md')
-    for path, written_here in zip(paths, (_is_rows_json, _is_table)):
+    paths = tuple(out.with_name(out.name + suffix) for suffix in ('.json', '.md', '.history.csv')[:2 + bool(history)])
+    for path, written_here in zip(paths, (_is_rows_json, _is_table, _is_history)):
         if path.exists() and not written_here(path):
             raise FileExistsError(f'{path} exists and is no comparison written by timm-cff compare; give another '
                                   '--out.')
     paths[0].write_text(json.dumps(rows, indent=2, ensure_ascii=False) + '\n')
     paths[1].write_text(format_comparison(rows) + '\n')
+    if history:
+        columns = list(dict.fromkeys(column for row in history for column in row))  # first-seen order, run first
+        with paths[2].open('w', newline='') as f:
+            writer = csv.DictWriter(f, columns, restval='', lineterminator='\n')
+            writer.writeheader()
+            writer.writerows(history)
     return paths
