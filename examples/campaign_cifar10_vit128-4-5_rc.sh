@@ -7,7 +7,7 @@
 #   examples/campaign_cifar10_vit128-4-5_rc.sh [ROOT [COMMIT]]
 #
 # ROOT (default ~/timm-cff-campaign) holds everything, outside the repository: wt/ (a worktree of this repository
-# pinned to COMMIT, default HEAD, created on the first call and kept for the whole campaign), venv/, runs/, logs/.
+# pinned to COMMIT, default HEAD, on the first call; ROOT/COMMIT keeps it for the whole campaign), venv/, runs/, logs/.
 # Data: $TIMM_CFF_DATA/cifar10_jpeg (default ../shared/data beside the repository).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,13 +15,20 @@ root=$(mkdir -p "${1:-$HOME/timm-cff-campaign}" && cd "${1:-$HOME/timm-cff-campa
 data=${TIMM_CFF_DATA:-$(cd "$repo/.." && pwd)/shared/data}/cifar10_jpeg
 [ -f "$data/train.npz" ] || { echo "campaign: no $data/train.npz; set TIMM_CFF_DATA to the folder holding cifar10_jpeg/" >&2; exit 1; }
 
+pinned=$(cat "$root/COMMIT" 2>/dev/null || true)  # written on the first call: the campaign's one commit
 if [ ! -d "$root/wt" ]; then
-    git -C "$repo" worktree add --detach "$root/wt" "${2:-HEAD}"
+    git -C "$repo" worktree prune  # forget a worktree whose folder is gone
+    git -C "$repo" worktree add --detach "$root/wt" "${pinned:-${2:-HEAD}}"
 fi
-commit=$(git -C "$root/wt" rev-parse --short HEAD)
-if [ -n "${2:-}" ] && [ "$(git -C "$root/wt" rev-parse "$2")" != "$(git -C "$root/wt" rev-parse HEAD)" ]; then
-    echo "campaign: $root/wt is pinned to $commit; a campaign keeps one commit (use another ROOT for $2)" >&2; exit 1
-fi
+commit=$(git -C "$root/wt" rev-parse HEAD)
+[ -n "$pinned" ] || { pinned=$commit; echo "$commit" > "$root/COMMIT"; }
+for want in "$pinned" "${2:-$pinned}"; do
+    if [ "$(git -C "$repo" rev-parse "$want^{commit}")" != "$commit" ]; then
+        echo "campaign: $root is pinned to ${pinned:0:7} ($root/wt is at ${commit:0:7}); a campaign keeps one commit" \
+            "(use another ROOT for $want)" >&2; exit 1
+    fi
+done
+commit=${commit:0:7}
 if [ ! -x "$root/venv/bin/timm-cff" ]; then
     python3 -m venv "$root/venv"
     "$root/venv/bin/pip" install -q torch==2.14.1 torchvision==0.29.1

@@ -81,6 +81,11 @@ def _best_by_csv(run: Path, key: str) -> int:
     return losses.index(min(losses)) + 1
 
 
+def _best_loss_by_csv(run, key):
+    with (run / 'metrics.csv').open() as f:
+        return min(float(r[f'val_{key}']) for r in csv.DictReader(f))
+
+
 def test_compare_tables_finished_interrupted_and_extended_runs(tmp_path, capsys, monkeypatch):
     from timm_cff.experiment import commands as engine
     assert train(tmp_path, '--train.epochs=3', name='cffm') == 0
@@ -97,9 +102,11 @@ def test_compare_tables_finished_interrupted_and_extended_runs(tmp_path, capsys,
     summary = json.loads((tmp_path / 'cffm' / 'summary.json').read_text())
     assert cells[0][:5] == ['cffm', 'CFF+M (0.4→0.1, τ 0.15)', 'ViT[32 4 2]', 'mnist_subset', '3 of 3']
     assert cells[0][5] == str(_best_by_csv(tmp_path / 'cffm', summary['selection_key']))
-    assert cells[0][6] == f"{summary['test']['top1']:.2f}" and cells[0][7] == f"top1 {summary['test']['top1']:.2f}"
+    assert cells[0][6] == f"{_best_loss_by_csv(tmp_path / 'cffm', summary['selection_key']):.3f}"
+    assert cells[0][7] == f"{summary['test']['top1']:.2f}" and cells[0][8] == f"top1 {summary['test']['top1']:.2f}"
     assert cells[1][:5] == ['ff', 'FF', 'MLP[32 2]', 'mnist_subset', '3 of 3, unfinished']
-    assert cells[1][5] == f'{_best_by_csv(tmp_path / "ff", key)} so far' and cells[1][6:9] == ['–', '–', '–']
+    assert cells[1][5] == f'{_best_by_csv(tmp_path / "ff", key)} so far' and cells[1][7:10] == ['–', '–', '–']
+    assert cells[1][6] == f'{_best_loss_by_csv(tmp_path / "ff", key):.3f}'  # the best so far, from last.pt
     # --out keeps both runs' epochs in one CSV: each run's own cells verbatim, the other run's columns empty
     assert main(['compare', str(tmp_path / 'cffm'), str(tmp_path / 'ff'), '--out', str(tmp_path / 't')]) == 0
     with (tmp_path / 't.history.csv').open() as f:

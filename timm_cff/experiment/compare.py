@@ -58,8 +58,9 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
     """One run folder as a flat dict.
 
     Keys: ``run, method, variant, model, dataset, train_images, epochs_run, epochs, patience, finished,
-    stopped_early, best_epoch, test_top1, metric, test_metric, head_top1, stage1_s, s_per_epoch``. ``method`` is
-    the paper's name (``CFF+M``, ``CFF``, ``BP+CE``, ``FF``, ``SymBa``, ``FF-Collab``) and ``variant`` its settings;
+    stopped_early, best_epoch, best_val_loss, test_top1, metric, test_metric, head_top1, stage1_s, s_per_epoch``.
+    ``method`` is the paper's name (``CFF+M``, ``CFF``, ``BP+CE``, ``FF``, ``SymBa``, ``FF-Collab``) and ``variant``
+    its settings; ``best_val_loss`` is the selection loss (the summary's ``selection_key``) at ``best_epoch``;
     ``metric`` is the paper's metric of the row (``run.metric``, e.g. top5 for CIFAR-100). Accuracies are in percent,
     None where the run has none (yet): an unfinished run has its best epoch so far and no test accuracy.
     """
@@ -73,16 +74,19 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
            'dataset': Path(cfg.data.root).name if cfg.data.root else cfg.data.dataset,
            'train_images': dataset.get('num_images', {}).get('train'), 'epochs_run': len(epochs),
            'epochs': cfg.train.epochs, 'patience': cfg.train.patience, 'finished': False, 'stopped_early': False,
-           'best_epoch': None, 'test_top1': None, 'metric': cfg.run.metric, 'test_metric': None, 'head_top1': None,
+           'best_epoch': None, 'best_val_loss': None, 'test_top1': None, 'metric': cfg.run.metric, 'test_metric': None,
+           'head_top1': None,
            'stage1_s': round(seconds, 2), 's_per_epoch': round(seconds / len(epochs), 2) if epochs else None}
     summary = _current_summary(run, len(epochs))
     if summary:
-        row.update(finished=True, best_epoch=summary['best_epoch'], stopped_early=len(epochs) < cfg.train.epochs,
+        row.update(finished=True, best_epoch=summary['best_epoch'], best_val_loss=summary.get('best_val_loss'),
+                   stopped_early=len(epochs) < cfg.train.epochs,
                    train_images=summary.get('num_images', {}).get('train', row['train_images']),
                    test_top1=summary['test'].get('top1'), test_metric=summary['test'].get(cfg.run.metric),
                    head_top1=summary.get('test_one_pass_head', {}).get('top1'))
     else:
-        row['best_epoch'] = _best_epoch_so_far(run)
+        state = _fit_state_so_far(run)
+        row.update(best_epoch=state.get('best_epoch'), best_val_loss=state.get('best_loss'))
     return row
 
 
@@ -104,14 +108,15 @@ def _current_summary(run: RunDir, epochs_run: int) -> dict[str, Any] | None:
     return summary if path.stat().st_mtime >= (run.path / 'metrics.csv').stat().st_mtime else None
 
 
-def _best_epoch_so_far(run: RunDir) -> int | None:
-    """The run loop's best epoch from the resume point: ``last.pt``, or a torchrun pipeline's newest checkpoint."""
+def _fit_state_so_far(run: RunDir) -> dict[str, Any]:
+    """The run loop's state at the resume point (``best_epoch``, ``best_loss``, ...): ``last.pt``, or a torchrun
+    pipeline's newest checkpoint; empty before the first epoch."""
     if run.checkpoint_path('last').is_file():
-        return run.load_checkpoint('last')['state']['best_epoch']
+        return run.load_checkpoint('last')['state']
     from ..pipeline.checkpoint import latest_checkpoint
     from ..pipeline.session import RUN_STATE_FILE
     latest = latest_checkpoint(run.path / 'checkpoints' / 'pipeline')
-    return json.loads((latest / RUN_STATE_FILE).read_text())['best_epoch'] if latest else None
+    return json.loads((latest / RUN_STATE_FILE).read_text()) if latest else {}
 
 
 def _cell(value: Any) -> str:
@@ -122,8 +127,8 @@ def _cell(value: Any) -> str:
 
 def format_comparison(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`summarize_run` rows, in the given order."""
-    lines = ['| run | method | model | data | epochs | selected epoch | test top-1 | test, paper metric '
-             '| one-pass head top-1 | stage-1 s | s / epoch |', '|---|---|---|---|---|---|---|---|---|---|---|']
+    lines = ['| run | method | model | data | epochs | selected epoch | its val loss | test top-1 | test, paper metric '
+             '| one-pass head top-1 | stage-1 s | s / epoch |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         epochs = f'{r["epochs_run"]} of {r["epochs"]}'
         if not r['finished']:
@@ -133,7 +138,8 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
         method = f'{r["method"]} ({r["variant"]})' if r['variant'] else r['method']
         metric = '–' if r['test_metric'] is None else f'{r["metric"]} {r["test_metric"]:.2f}'
         best = _cell(r['best_epoch']) + ('' if r['finished'] or r['best_epoch'] is None else ' so far')
-        lines.append(f'| {r["run"]} | {method} | {r["model"]} | {r["dataset"]} | {epochs} | {best} | '
+        loss = '–' if r.get('best_val_loss') is None else f'{r["best_val_loss"]:.3f}'  # rows of older files lack it
+        lines.append(f'| {r["run"]} | {method} | {r["model"]} | {r["dataset"]} | {epochs} | {best} | {loss} | '
                      f'{_cell(r["test_top1"])} | {metric} | {_cell(r["head_top1"])} | '
                      f'{r["stage1_s"]:,.0f} | {_cell(r["s_per_epoch"])} |')
     return '\n'.join(lines)
