@@ -43,8 +43,8 @@ def worker(method: str, setting: str, depth: int, batch: int, steps: int) -> dic
 
 
 def measure(method: str, setting: str, args: argparse.Namespace) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith('MALLOC_') and k not in ('GLIBC_TUNABLES', 'TIMM_CFF_MALLOC')}
+    env = {k: v for k, v in os.environ.items()  # glibc's own malloc in both arms, settings only from the worker
+           if not k.startswith('MALLOC_') and k not in ('GLIBC_TUNABLES', 'TIMM_CFF_MALLOC', 'LD_PRELOAD')}
     if args.threads:
         env['OMP_NUM_THREADS'] = str(args.threads)
     command = [sys.executable, __file__, '--worker', method, setting, '--depth', str(args.depth),
