@@ -81,6 +81,26 @@ def _best_by_csv(run: Path, key: str) -> int:
     return losses.index(min(losses)) + 1
 
 
+def test_resume_records_its_environment_and_warns_when_the_arithmetic_may_differ(tmp_path, capsys):
+    assert train(tmp_path, '--train.epochs=1') == 0
+    path = tmp_path / 'r' / 'environment.json'
+    started = json.loads(path.read_text())
+    assert started['cpu_capability'] == torch.backends.cpu.get_cpu_capability() and 'resumes' not in started
+    other = 'AVX2' if started['cpu_capability'] != 'AVX2' else 'AVX512'  # as if started on another CPU
+    path.write_text(json.dumps({**started, 'cpu_capability': other}))
+    capsys.readouterr()
+    assert main(['train', '--resume', str(tmp_path / 'r'), '--train.epochs=2']) == 0
+    err = capsys.readouterr().err
+    assert f"cpu_capability ({other} -> {started['cpu_capability']})" in err and 'not bit for bit' in err
+    assert 'torch (' not in err  # only what changed is named
+    record = json.loads(path.read_text())
+    assert record['cpu_capability'] == other and len(record['resumes']) == 1  # the start's record is kept
+    assert record['resumes'][0]['cpu_capability'] == started['cpu_capability']
+    assert main(['train', '--resume', str(tmp_path / 'r'), '--train.epochs=3']) == 0
+    assert 'not bit for bit' not in capsys.readouterr().err  # compared with the last resume: nothing changed
+    assert len(json.loads(path.read_text())['resumes']) == 2
+
+
 def _best_loss_by_csv(run, key):
     with (run / 'metrics.csv').open() as f:
         return min(float(r[f'val_{key}']) for r in csv.DictReader(f))

@@ -95,6 +95,11 @@ def _open_run(cfg: Config, run_path: str | Path, resume: bool) -> RunDir:
     run = RunDir(run_path)
     run.lock()
     run.save_resumed_config(cfg)
+    changed = run.record_resume()
+    if changed:
+        _logger.warning('%s resumes with another %s than it last trained with; it continues, but not bit for bit '
+                        'with an uninterrupted run.', run.path,
+                        ', '.join(f'{k} ({then} -> {now})' for k, (then, now) in changed.items()))
     return run
 
 

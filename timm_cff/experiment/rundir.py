@@ -1,7 +1,7 @@
 """A run folder: resolved config, environment, per-epoch CSV, summary, atomic checkpoints, the export.
 
     RUN/config.yaml            resolved config (a valid --config)
-    RUN/environment.json       library versions, device, command line
+    RUN/environment.json       library versions, device, CPU kernels, command line; one entry per resume
     RUN/metrics.csv            one row per stage-1 epoch
     RUN/probe.csv              one row per probe epoch
     RUN/dataset.json           class count and images per split (written at each start)
@@ -80,8 +80,15 @@ def environment() -> dict[str, Any]:
         'timm_cff': __version__, 'timm': timm.__version__, 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'python': platform.python_version(), 'platform': platform.platform(),
         'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        'cpu_threads': torch.get_num_threads(), 'malloc': malloc_state(), 'argv': sys.argv,
+        'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'cpu_threads': torch.get_num_threads(),
+        'malloc': malloc_state(), 'argv': sys.argv,
     }
+
+
+#: What decides a run's float arithmetic besides its config: another value on resume continues the run correctly,
+#: but no longer bit for bit with an uninterrupted one (``cpu_capability``: the kernels PyTorch dispatches to,
+#: e.g. AVX2 or AVX512, which sum in different orders).
+ARITHMETIC_KEYS = ('torch', 'timm', 'cpu_capability', 'cpu_threads', 'gpu', 'cuda')
 
 
 class RunDir:
@@ -228,6 +235,18 @@ class RunDir:
             record.setdefault('resumed_with', []).append({k: list(v) for k, v in changes.items()})
             self.write_json(NONFINITE_FILE, record)
         atomic_write(self.config_path, lambda tmp: save_config(config, tmp))
+
+    def record_resume(self) -> dict[str, list[Any]]:
+        """Add this process's environment to ``environment.json`` (``resumes``, one entry per resume) and return
+        what differs in ``ARITHMETIC_KEYS`` from the environment the run was last trained in: ``{key: [then, now]}``
+        (keys an older run did not record are not compared)."""
+        path = self.path / 'environment.json'
+        record = self.read_json('environment.json') if path.is_file() else {}
+        last = (record.get('resumes') or [record])[-1]
+        now = environment()
+        record.setdefault('resumes', []).append(now)
+        self.write_json('environment.json', record)
+        return {k: [last[k], now[k]] for k in ARITHMETIC_KEYS if k in last and last[k] != now[k]}
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, name: str, state: dict[str, Any]) -> Path:
