@@ -34,6 +34,8 @@ from .config import Config, ConfigError, config_to_dict, flatten, load_config, s
 __all__ = ['RunDir', 'CheckpointError', 'RunInUseError', 'environment', 'DATASET_FILE', 'NONFINITE_FILE']
 
 DATASET_FILE = 'dataset.json'
+#: Versions and machine facts of the start, and of each resume under ``resumes``.
+ENVIRONMENT_FILE = 'environment.json'
 #: Held by the process writing the run: ``{"pid": ..., "host": ...}``.
 LOCK_FILE = '.lock'
 #: Written when a NaN/inf stopped the run: where, and what later resumes changed.
@@ -134,7 +136,7 @@ class RunDir:
         run.lock()
         (run.path / 'checkpoints').mkdir()
         save_config(config, run.config_path)
-        run.write_json('environment.json', environment())
+        run.write_json(ENVIRONMENT_FILE, environment())
         return run
 
     # ------------------------------------------------------------------------------------------ one writer
@@ -240,12 +242,11 @@ class RunDir:
         """Add this process's environment to ``environment.json`` (``resumes``, one entry per resume) and return
         what differs in ``ARITHMETIC_KEYS`` from the environment the run was last trained in: ``{key: [then, now]}``
         (keys an older run did not record are not compared)."""
-        path = self.path / 'environment.json'
-        record = self.read_json('environment.json') if path.is_file() else {}
+        record = self.read_json(ENVIRONMENT_FILE) if (self.path / ENVIRONMENT_FILE).is_file() else {}
         last = (record.get('resumes') or [record])[-1]
         now = environment()
         record.setdefault('resumes', []).append(now)
-        self.write_json('environment.json', record)
+        self.write_json(ENVIRONMENT_FILE, record)
         return {k: [last[k], now[k]] for k in ARITHMETIC_KEYS if k in last and last[k] != now[k]}
 
     # ------------------------------------------------------------------------------------------ checkpoints
