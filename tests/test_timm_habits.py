@@ -3,6 +3,7 @@ schedules and warmup from the command line (closed form, exact resume), and the 
 import csv
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from timm_cff.experiment import fit
 from timm_cff.experiment.build import create_model
 from timm_cff.experiment.cli import main
 from timm_cff.experiment.config import ConfigError, load_config
-from timm_cff.experiment.recipes import list_recipes, resolve_recipe
+from timm_cff.experiment.compare import summarize_run
+from timm_cff.experiment.recipes import list_recipes, recorded_recipe, resolve_recipe
 from timm_cff.methods import LocalTrainer, schedule
 from timm_cff.probe import train_linear_probe
 
@@ -72,10 +74,18 @@ def test_a_recipe_is_found_by_name_from_an_empty_folder(tmp_path, monkeypatch, c
     monkeypatch.chdir(tmp_path)
     assert resolve_recipe('quickstart') == resolve_recipe('quickstart.yaml') == \
            next(r.path for r in list_recipes() if r.name == 'quickstart')
-    assert main(['train', '--config', 'cifar10_vit128-4-5_rc', '--data.dataset=mnist_subset', '--model.img_size=28',
-                 '--model.patch_size=7', '--data.stats=mnist', *TINY, '--run.name=byname']) == 0
+    argv = ['train', '--config', 'cifar10_vit128-4-5_rc', '--data.dataset=mnist_subset', '--model.img_size=28',
+            '--model.patch_size=7', '--data.stats=mnist', *TINY, '--run.name=byname', '--train.method=bp']
+    monkeypatch.setattr(sys, 'argv', ['timm-cff', *argv])  # what environment.json records of the command line
+    assert main(argv) == 0
     cfg = load_config(tmp_path / 'runs' / 'byname' / 'config.yaml')
     assert (cfg.model.embed_dim, cfg.model.depth, cfg.train.m0) == (32, 2, 0.4)  # the recipe's, then the overrides
+    row = summarize_run(tmp_path / 'runs' / 'byname')  # compare finds the recipe and its paper number for BP+CE
+    assert (row['method'], row['recipe'], row['paper']) == ('BP+CE', 'cifar10_vit128-4-5_rc', 76.92)
+    capsys.readouterr()
+    assert main(['compare', str(tmp_path / 'runs' / 'byname')]) == 0
+    header, _, cells = (line.strip('|').split('|') for line in capsys.readouterr().out.strip().splitlines())
+    assert dict(zip((h.strip() for h in header), (c.strip() for c in cells)))['paper'] == 'top1 76.92'
     assert main(['train', '--config', 'no_such_recipe']) == 1
     assert 'no shipped recipe of that name' in capsys.readouterr().err
 
@@ -92,6 +102,53 @@ def test_recipes_lists_every_recipe_with_the_paper_number_of_its_header(capsys):
         assert recipe.paper.endswith(f' {metric}') and recipe.paper.startswith('Table ')
     row = next(r for r in recipes if r.name == 'cifar10_vit128-4-5_rc')
     assert row.paper == 'Table 1 & 3: 80.42 top1'
+
+
+# The paper's Tables 1 and 3 (method columns per row) and the CFF+M cells of Tables 4 and 6, transcribed from the
+# paper, against which the hand-written recipe headers are checked.
+TABLE1 = {'mnist_mlp500-3': (97.12, 97.82, 97.70, 96.33, 97.69),
+          'cifar10_mlp800-4_rc': (50.35, 56.80, 54.33, 54.32, 57.33),
+          'cifar10_vit128-4-5_rc': (76.21, 69.13, 70.66, 78.70, 80.42),
+          'cifar100_vit192-6-6_rc': (72.15, 68.78, 71.79, 79.23, 80.39),
+          'tiny_imagenet_vit240-6-7_rc': (62.11, 59.46, 62.15, 72.43, 73.23)}  # FF, SymBa, FF-Collab, CFF, CFF+M
+TABLE3 = {'mnist_mlp500-3_flip': (98.00, 97.30), 'mnist_mlp800-4_flip': (98.13, 97.62),
+          'cifar10_mlp800-4_flip': (54.20, 54.55), 'cifar10_vit128-4-5_rc': (76.92, 80.42),
+          'cifar10_vit192-6-6_rc': (76.68, 79.74), 'cifar10_vit240-6-7_rc': (77.04, 79.96),
+          'cifar100_vit192-6-6_rc': (78.12, 80.39), 'cifar100_vit240-6-7_rc': (77.75, 78.44),
+          'tiny_imagenet_vit240-6-7_rc': (74.01, 73.23), 'cifar10_vit128-4-5_rcra': (86.33, 81.73),
+          'cifar10_vit192-6-6_rcra': (86.95, 85.17), 'cifar10_vit240-6-7_rcra': (87.62, 85.37),
+          'cifar100_vit192-6-6_rcra': (84.13, 84.28), 'cifar100_vit240-6-7_rcra': (82.88, 84.29),
+          'tiny_imagenet_vit240-6-7_rcra': (78.95, 76.06),  # BP+CE, CFF+M
+          'table4_cifar10_vit192-6-6_missing50': (78.27, 80.58), 'table4_cifar10_vit192-6-6_missing80': (69.19, 73.26),
+          'table4_cifar10_vit192-6-6_noise20': (78.10, 78.33), 'table4_cifar10_vit192-6-6_noise40': (70.36, 71.20)}
+TABLE6 = {'table6_cifar10_vit128-4-5_rc_onefwd': 79.00, 'table6_cifar10_vit192-6-6_rc_onefwd': 79.70,
+          'table6_cifar10_vit192-6-6_rcra_onefwd': 83.25, 'table6_cifar100_vit192-6-6_rcra_onefwd': 82.63,
+          'table6_cifar100_vit240-6-7_rc_onefwd': 77.36, 'table6_tiny_imagenet_vit240-6-7_rcra_onefwd': 73.86}
+
+
+def test_each_recipe_reports_the_papers_number_for_every_column_of_its_row():
+    for recipe in list_recipes():
+        expected = {}
+        if recipe.name in TABLE1:
+            expected.update(zip(('FF', 'SymBa', 'FF-Collab', 'CFF', 'CFF+M'), TABLE1[recipe.name]))
+        if recipe.name in TABLE3:
+            expected.update(zip(('BP+CE', 'CFF+M'), TABLE3[recipe.name]))
+        if recipe.name in TABLE6:
+            expected['CFF+M'] = TABLE6[recipe.name]
+        assert recipe.reported == expected, recipe.name  # quickstart: {}
+    assert len([r for r in list_recipes() if r.reported]) == len(TABLE1.keys() | TABLE3.keys() | TABLE6.keys())
+
+
+def test_the_recipe_of_a_recorded_command_line_only_where_it_is_sure(tmp_path):
+    own = tmp_path / 'mine.yaml'
+    own.write_text('# Reproduces Table 3, row X: CFF+M 12.50 (top1 test accuracy, %). Table 3: BP+CE 11.25.\n')
+    assert recorded_recipe(['timm-cff', 'train', f'--config={own}']).reported == {'CFF+M': 12.5, 'BP+CE': 11.25}
+    assert recorded_recipe(['timm-cff', 'train', '--config', 'quickstart.yaml', '--config', 'mnist_mlp500-3'
+                            ]).name == 'mnist_mlp500-3'  # the last --config counts
+    assert recorded_recipe(['timm-cff', 'train', '--config', 'configs/mine.yaml']) is None  # relative to what?
+    assert recorded_recipe(['timm-cff', 'train', '--config', str(tmp_path / 'gone.yaml')]) is None
+    assert recorded_recipe(['timm-cff', 'train', '--config']) is None
+    assert recorded_recipe(['pytest', '-q']) is None
 
 
 # ------------------------------------------------------------------------------------------------ schedules

@@ -13,7 +13,8 @@ from ..methods import get_method_info
 from ..methods.ff import scores_first_stage
 from ..loss import takes_margin
 from .config import Config
-from .rundir import DATASET_FILE, RunDir
+from .recipes import recorded_recipe
+from .rundir import DATASET_FILE, ENVIRONMENT_FILE, RunDir
 
 __all__ = ['summarize_run', 'read_histories', 'format_comparison', 'write_comparison', 'method_name', 'method_label']
 
@@ -58,10 +59,13 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
     """One run folder as a flat dict.
 
     Keys: ``run, method, variant, model, dataset, train_images, epochs_run, epochs, patience, finished,
-    stopped_early, best_epoch, best_val_loss, test_top1, metric, test_metric, head_top1, stage1_s, s_per_epoch``.
+    stopped_early, best_epoch, best_val_loss, test_top1, metric, test_metric, head_top1, recipe, paper, stage1_s,
+    s_per_epoch``.
     ``method`` is the paper's name (``CFF+M``, ``CFF``, ``BP+CE``, ``FF``, ``SymBa``, ``FF-Collab``) and ``variant``
     its settings; ``best_val_loss`` is the selection loss (the summary's ``selection_key``) at ``best_epoch``;
-    ``metric`` is the paper's metric of the row (``run.metric``, e.g. top5 for CIFAR-100). Accuracies are in percent,
+    ``metric`` is the paper's metric of the row (``run.metric``, e.g. top5 for CIFAR-100); ``recipe`` the shipped
+    recipe the run was started from and ``paper`` the paper's number for ``method`` in that recipe's row (its
+    header), where known. Accuracies are in percent,
     None where the run has none (yet): an unfinished run has its best epoch so far and no test accuracy.
     """
     run = RunDir(path)
@@ -75,7 +79,7 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
            'train_images': dataset.get('num_images', {}).get('train'), 'epochs_run': len(epochs),
            'epochs': cfg.train.epochs, 'patience': cfg.train.patience, 'finished': False, 'stopped_early': False,
            'best_epoch': None, 'best_val_loss': None, 'test_top1': None, 'metric': cfg.run.metric, 'test_metric': None,
-           'head_top1': None,
+           'head_top1': None, **_paper(run, name),
            'stage1_s': round(seconds, 2), 's_per_epoch': round(seconds / len(epochs), 2) if epochs else None}
     summary = _current_summary(run, len(epochs))
     if summary:
@@ -88,6 +92,14 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
         state = _fit_state_so_far(run)
         row.update(best_epoch=state.get('best_epoch'), best_val_loss=state.get('best_loss'))
     return row
+
+
+def _paper(run: RunDir, method: str) -> dict[str, Any]:
+    """``recipe`` (the name of the recipe the run's first command line gave ``--config``, where sure) and ``paper``
+    (that recipe's reported number for ``method``)."""
+    start = run.read_json(ENVIRONMENT_FILE) if (run.path / ENVIRONMENT_FILE).is_file() else {}
+    recipe = recorded_recipe(start.get('argv') or [])
+    return {'recipe': recipe and recipe.name, 'paper': recipe.reported.get(method) if recipe else None}
 
 
 def read_histories(paths: list[str | Path]) -> list[dict[str, str]]:
@@ -128,7 +140,7 @@ def _cell(value: Any) -> str:
 def format_comparison(rows: list[dict[str, Any]]) -> str:
     """A markdown table of :func:`summarize_run` rows, in the given order."""
     lines = ['| run | method | model | data | epochs | selected epoch | its val loss | test top-1 | test, paper metric '
-             '| one-pass head top-1 | stage-1 s | s / epoch |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
+             '| paper | one-pass head top-1 | stage-1 s | s / epoch |', '|' + '---|' * 13]
     for r in rows:
         epochs = f'{r["epochs_run"]} of {r["epochs"]}'
         if not r['finished']:
@@ -137,10 +149,11 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
             epochs += f', stopped (patience {r["patience"]})'
         method = f'{r["method"]} ({r["variant"]})' if r['variant'] else r['method']
         metric = '–' if r['test_metric'] is None else f'{r["metric"]} {r["test_metric"]:.2f}'
+        paper = '–' if r.get('paper') is None else f'{r["metric"]} {r["paper"]:.2f}'  # rows of older files lack it
         best = _cell(r['best_epoch']) + ('' if r['finished'] or r['best_epoch'] is None else ' so far')
         loss = '–' if r.get('best_val_loss') is None else f'{r["best_val_loss"]:.3f}'  # rows of older files lack it
         lines.append(f'| {r["run"]} | {method} | {r["model"]} | {r["dataset"]} | {epochs} | {best} | {loss} | '
-                     f'{_cell(r["test_top1"])} | {metric} | {_cell(r["head_top1"])} | '
+                     f'{_cell(r["test_top1"])} | {metric} | {paper} | {_cell(r["head_top1"])} | '
                      f'{r["stage1_s"]:,.0f} | {_cell(r["s_per_epoch"])} |')
     return '\n'.join(lines)
 

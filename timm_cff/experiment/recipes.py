@@ -11,22 +11,27 @@ from pathlib import Path
 
 from .config import ConfigError
 
-__all__ = ['Recipe', 'list_recipes', 'resolve_recipe']
+__all__ = ['Recipe', 'list_recipes', 'recorded_recipe', 'resolve_recipe']
 
 
 #: In a recipe header: "Reproduces Table 1 & 3, row ...: CFF+M 80.42 (top1 test accuracy" ("i.e. 79.00" in Table 6).
 _PAPER_ROW = re.compile(r'Reproduces (Table [\d &]*\d).*?(?:CFF\+M |i\.e\. )([\d.]+) .*?\((top\d+)')
+#: The row's other columns in a header: "Table 1: CFF 78.70, FF 76.21, ...; Table 3: BP+CE 76.92" (the paper's
+#: column names of ``MethodInfo.paper_name``; CFF+M before CFF and FF-Collab before FF, so the longer name wins).
+_COLUMN = re.compile(r'(?<![\w+-])(CFF\+M|CFF|BP\+CE|FF-Collab|FF|SymBa) (\d+\.\d+)\b')
 
 
 @dataclass(frozen=True)
 class Recipe:
     """A shipped recipe: its ``name`` (the file stem), its file, its title (the first header line: data set, model,
-    augmentation) and the paper's number it reproduces (e.g. ``'Table 1 & 3: 80.42 top1'``; empty for the
-    quickstart)."""
+    augmentation), the paper's number it reproduces (e.g. ``'Table 1 & 3: 80.42 top1'``; empty for the quickstart)
+    and ``reported``, the paper's number for each column of that row in its metric, e.g. ``{'CFF+M': 80.42, 'CFF':
+    78.70, ..., 'BP+CE': 76.92}`` (the recipe trains CFF+M; one key on the command line trains another column)."""
     name: str
     path: Path
     title: str
     paper: str
+    reported: dict[str, float]
 
 
 def _folder() -> Path:
@@ -44,14 +49,34 @@ def _header(path: Path) -> list[str]:
 
 def _recipe(path: Path) -> Recipe:
     header = _header(path)
-    row = _PAPER_ROW.search(' '.join(header))
+    text = ' '.join(header)
+    row = _PAPER_ROW.search(text)
     paper = f'{row[1]}: {row[2]} {row[3]}' if row else ''
-    return Recipe(path.stem, path, header[0].rstrip('.') if header else '', paper)
+    reported = {'CFF+M': float(row[2])} if row else {}
+    for name, value in _COLUMN.findall(text):
+        reported.setdefault(name, float(value))  # the first number of a column is its number of this row
+    return Recipe(path.stem, path, header[0].rstrip('.') if header else '', paper, reported)
 
 
 def list_recipes(filter: str = '') -> list[Recipe]:
     """Every shipped recipe whose name contains ``filter``, sorted by name."""
     return [_recipe(p) for p in sorted(_folder().glob('*.yaml')) if filter in p.stem]
+
+
+def recorded_recipe(argv: list[str]) -> Recipe | None:
+    """The recipe of the ``--config`` in a recorded command line (a run's ``environment.json`` ``argv``) where it is
+    sure: a shipped recipe's name, or an absolute path to a file still there. ``None`` otherwise (no ``--config``,
+    or a relative path: the folder it was relative to is not recorded)."""
+    config = None
+    for option, value in zip(argv, argv[1:] + ['']):
+        if option == '--config' or option.startswith('--config='):
+            config = option.partition('=')[2] or value  # the last one counts, as for argparse
+    if not config:
+        return None
+    path = Path(config)
+    if not path.is_absolute():
+        path = _folder() / f'{path.name.removesuffix(".yaml")}.yaml' if path.parent == Path('.') else path
+    return _recipe(path) if path.is_absolute() and path.is_file() else None
 
 
 def resolve_recipe(config: str) -> Path:
