@@ -51,7 +51,7 @@ def test_quickstart_smoke_run_writes_the_run_folder(tmp_path, capsys):
 
 
 def interrupted(*args, **kwargs):
-    raise KeyboardInterrupt  # replaces engine.fit_stage2: the process dies after stage 1's checkpoints, before the probe
+    raise KeyboardInterrupt  # replaces engine.fit_stage2: the process dies after stage 1's checkpoints, before probing
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):

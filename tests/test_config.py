@@ -93,7 +93,8 @@ def test_autocast_and_compile_reach_the_cff_trainer_only():
     assert build_trainer(load_config(None, {'train.autocast': 'float16'}), vit()).scaler is not None
     # a key the method does not read: refused when the user set it, logged when it comes from a recipe
     bp = load_config(None, {'train.method': 'bp', 'train.autocast': 'bfloat16'})
-    with pytest.raises(ConfigError, match=r'train.autocast is set but train.method=bp does not read it \(it is for cff\)'):
+    with pytest.raises(ConfigError,
+                       match=r'train.autocast is set but train.method=bp does not read it \(it is for cff\)'):
         check_train_keys(bp, {'train.autocast'})
     check_train_keys(bp, set())
     assert not hasattr(build_trainer(bp, vit()), 'autocast_dtype')

@@ -13,8 +13,9 @@ from .registry import Registry
 #: The CFF+M margins of the paper: 0.4 at the first stage, 0.1 at the last.
 PAPER_M0, PAPER_M_LAST = 0.4, 0.1
 
-__all__ = ['PAPER_M0', 'PAPER_M_LAST', 'PAPER_MARGINS', 'linear', 'parabolic', 'cosine', 'exponential', 'MarginSchedule', 'linear_margins', 'create_margins',
-           'list_margin_schedules', 'register_margin_schedule', 'resolve_margins']
+__all__ = ['PAPER_M0', 'PAPER_M_LAST', 'PAPER_MARGINS', 'linear', 'parabolic', 'cosine', 'exponential',
+           'MarginSchedule', 'linear_margins', 'create_margins', 'list_margin_schedules', 'register_margin_schedule',
+           'resolve_margins']
 
 
 def _positions(num_stages: int) -> list[float]:
@@ -84,7 +85,8 @@ def linear_margins(m0: float = PAPER_M0, m_last: float = PAPER_M_LAST) -> Margin
     return MarginSchedule('linear', m0, m_last)
 
 
-def create_margins(name: str, num_stages: int, m0: float = PAPER_M0, m_last: float = PAPER_M_LAST, k: float = 1.0) -> list[float]:
+def create_margins(name: str, num_stages: int, m0: float = PAPER_M0, m_last: float = PAPER_M_LAST,
+                   k: float = 1.0) -> list[float]:
     """Margins of schedule ``name`` for ``num_stages`` stages. ``m0 = 0`` gives all zeros (plain CFF)."""
     fn = _SCHEDULES.get(name)
     if m0 == 0:  # the official code's convention: no first margin means plain CFF everywhere

@@ -55,7 +55,8 @@ def normalize(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 class BatchAugment:
-    """Crop + flip + normalise a uint8 batch ``[B, C, H, W]`` -> float ``[B, C, H, W]``; ``train=False`` only normalises."""
+    """Crop + flip + normalise a uint8 batch ``[B, C, H, W]`` -> float ``[B, C, H, W]``; ``train=False`` only
+    normalises."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], padding: int = 0, hflip: bool = False,
                  train: bool = True):

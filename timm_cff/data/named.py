@@ -215,8 +215,8 @@ def open_dataset(dataset: str, root: str | None = None, download: bool = False, 
                  ) -> tuple[ArrayDataset, ArrayDataset]:
     """The full training set and the test set of ``dataset``: in memory for the in-memory names, streamed
     (``x`` an ``ImageStream``) for timm's names and folder paths, with every image fitted to ``img_size`` (None: the
-    size of the first training image). The first image of each split is decoded here, so a missing or unreadable dataset is
-    refused before training."""
+    size of the first training image). The first image of each split is decoded here, so a missing or unreadable
+    dataset is refused before training."""
     kind, name = _parse(dataset)
     if kind == 'memory':
         return load_dataset(dataset, root, download, train_split, test_split, img_size=img_size)

@@ -27,8 +27,8 @@ from .config import Config, ConfigError, ModelConfig, TrainConfig, iter_fields
 from .data import PreparedData, create_loaders, prepare_data
 from .rundir import RunDir
 
-__all__ = ['create_model', 'launched_by_torchrun', 'build_trainer', 'check_train_keys', 'unused_train_keys', 'RunSetup', 'resolve_device',
-           'seed_all', 'data_config']
+__all__ = ['create_model', 'launched_by_torchrun', 'build_trainer', 'check_train_keys', 'unused_train_keys',
+           'RunSetup', 'resolve_device', 'seed_all', 'data_config']
 
 _logger = logging.getLogger(__name__)
 

@@ -107,8 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-cff', allow_abbrev=False, description='Layer-local training of '
                                      'timm ViTs with Contrastive Forward-Forward (CFF).')
     sub = parser.add_subparsers(dest='command', required=True)
-    train = sub.add_parser('train', allow_abbrev=False, help='stage 1 + probe + test + export', description='Train a run: stage 1 '
-                           '(layer-local), stage 2 (linear probe), test accuracy, timm export.')
+    train = sub.add_parser('train', allow_abbrev=False, help='stage 1 + probe + test + export',
+                           description='Train a run: stage 1 (layer-local), stage 2 (linear probe), test accuracy, '
+                           'timm export.')
     train.add_argument('--config', help='a shipped recipe by name (timm-cff recipes lists them, e.g. quickstart, '
                        'cifar10_vit128-4-5_rc) or a YAML file; options below override it')
     train.add_argument('--resume', metavar='RUN_DIR', help='continue an interrupted run from its last checkpoint; '

@@ -17,7 +17,8 @@ from ..methods import SCHEDULES, get_method_info, list_methods
 
 __all__ = ['Config', 'ModelConfig', 'DataConfig', 'TrainConfig', 'ProbeConfig', 'RunConfig', 'PipelineConfig',
            'ConfigError',
-           'check_values', 'load_config', 'save_config', 'apply_overrides', 'config_to_dict', 'iter_fields', 'flatten', 'parse_override']
+           'check_values', 'load_config', 'save_config', 'apply_overrides', 'config_to_dict', 'iter_fields', 'flatten',
+           'parse_override']
 
 
 class ConfigError(ValueError):
@@ -185,7 +186,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool]] = {
     'train.min_lr': (0, None, True), 'train.decay_epochs': (0, None, False), 'train.decay_rate': (0, None, False),
     'probe.epochs': (0, None, True), 'probe.lr': (0, None, False), 'probe.weight_decay': (0, None, True),
     'probe.warmup_epochs': (0, None, True), 'probe.min_lr': (0, None, True),
-    'pipeline.stages': (1, None, True), 'pipeline.max_in_flight': (1, None, True), 'pipeline.timeout_s': (0, None, False),
+    'pipeline.stages': (1, None, True), 'pipeline.max_in_flight': (1, None, True),
+    'pipeline.timeout_s': (0, None, False),
 }
 _CHOICES = {'train.select_on': ('last', 'sum'), 'train.autocast': (None, 'float32', 'bfloat16', 'float16'),
             'model.init': ('torch', 'timm'), 'model.patch_act': ('', 'relu'), 'train.sched': SCHEDULES,
@@ -262,7 +264,8 @@ def _set(config: Config, key: str, value: Any) -> None:
                               f'{", ".join(sorted(_field_names(config)))}.')
         node = child
     if name in _field_names(node) and dataclasses.is_dataclass(getattr(node, name)):
-        raise ConfigError(f'{key!r} is a section; set its keys, e.g. --{key}.{dataclasses.fields(getattr(node, name))[0].name}=...')
+        first = dataclasses.fields(getattr(node, name))[0].name
+        raise ConfigError(f'{key!r} is a section; set its keys, e.g. --{key}.{first}=...')
     if name not in _field_names(node):
         known = ', '.join(k for k, _, _ in iter_fields(node, ''.join(p + '.' for p in path)))
         raise ConfigError(f'Unknown config key {key!r}. Known keys: {known}.')

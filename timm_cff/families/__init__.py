@@ -19,6 +19,7 @@ from .vit import VitLabelToken as VitLabelToken
 from .vit import VitStages as VitStages
 from .vit import init_official_ as init_official_
 
-__all__ = ['FamilyInfo', 'get_family', 'list_families', 'HEAD_MODULES', 'StageAdapter', 'create_stages', 'describe_model', 'register_stages', 'LabelledStages',
-           'create_labelled_stages', 'draw_negative_labels', 'register_labelled_stages', 'MLP', 'MlpOneHotLabel',
-           'MlpStages', 'create_mlp', 'VitLabelToken', 'VitStages', 'init_official_']
+__all__ = ['FamilyInfo', 'get_family', 'list_families', 'HEAD_MODULES', 'StageAdapter', 'create_stages',
+           'describe_model', 'register_stages', 'LabelledStages', 'create_labelled_stages', 'draw_negative_labels',
+           'register_labelled_stages', 'MLP', 'MlpOneHotLabel', 'MlpStages', 'create_mlp', 'VitLabelToken', 'VitStages',
+           'init_official_']

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from ..registry import Registry
 
-__all__ = ['StageAdapter', 'FamilyInfo', 'create_stages', 'describe_model', 'register_stages', 'get_family', 'list_families',
-           'HEAD_MODULES', 'UNOWNED_MODULES']
+__all__ = ['StageAdapter', 'FamilyInfo', 'create_stages', 'describe_model', 'register_stages', 'get_family',
+           'list_families', 'HEAD_MODULES', 'UNOWNED_MODULES']
 
 #: Modules after the last stage, trained by the linear probe (timm's classifier path with ``global_pool='avg'``).
 HEAD_MODULES = ('fc_norm', 'head')

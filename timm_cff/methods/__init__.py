@@ -24,6 +24,6 @@ from .bp import BackpropTrainer as BackpropTrainer
 from .head import OnePassClassifier as OnePassClassifier
 from .head import train_one_pass_head as train_one_pass_head
 
-__all__ = ['EPOCH_LENGTH_SCHEDULES', 'SCHEDULES', 'schedule', 'NonFiniteLossError', 'StageOptimizers', 'TrainerBase', 'split_batch', 'MethodInfo', 'create_trainer',
-           'get_method_info', 'list_methods', 'register_method', 'LocalTrainer', 'ForwardForwardTrainer',
-           'BackpropTrainer', 'OnePassClassifier', 'train_one_pass_head']
+__all__ = ['EPOCH_LENGTH_SCHEDULES', 'SCHEDULES', 'schedule', 'NonFiniteLossError', 'StageOptimizers', 'TrainerBase',
+           'split_batch', 'MethodInfo', 'create_trainer', 'get_method_info', 'list_methods', 'register_method',
+           'LocalTrainer', 'ForwardForwardTrainer', 'BackpropTrainer', 'OnePassClassifier', 'train_one_pass_head']
