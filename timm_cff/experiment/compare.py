@@ -63,10 +63,10 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
     s_per_epoch``.
     ``method`` is the paper's name (``CFF+M``, ``CFF``, ``BP+CE``, ``FF``, ``SymBa``, ``FF-Collab``) and ``variant``
     its settings; ``best_val_loss`` is the selection loss (the summary's ``selection_key``) at ``best_epoch``;
-    ``metric`` is the paper's metric of the row (``run.metric``, e.g. top5 for CIFAR-100); ``recipe`` the shipped
-    recipe the run was started from and ``paper`` the paper's number for ``method`` in that recipe's row (its
-    header), where known. Accuracies are in percent,
-    None where the run has none (yet): an unfinished run has its best epoch so far and no test accuracy.
+    ``metric`` is the paper's metric of the row (``run.metric``, e.g. top5 for CIFAR-100); ``recipe`` the recipe the
+    run was started from (``--config``: a shipped name, or a YAML file by absolute path) and ``paper`` the paper's
+    number for ``method`` in that recipe's row (its header), where known. Accuracies are in percent, None where the
+    run has none (yet): an unfinished run has its best epoch so far and no test accuracy.
     """
     run = RunDir(path)
     cfg = run.read_config()
