@@ -180,7 +180,7 @@ def probe_run(run_path: str | Path, overrides: Callable[[Config], None] | None =
     cfg, setup = _setup_from_run(run, overrides)
     run.lock()
     try:
-        summary = run.read_json('summary.json') if (run.path / 'summary.json').exists() else {'run': str(run.path)}
+        summary = run.read_json('summary.json', missing={'run': str(run.path)})
         summary['stage2'] = fit_stage2(cfg, run, setup, progress)
         return _finish(cfg, run, setup, summary, progress)
     finally:

@@ -73,7 +73,7 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
     epochs = run.read_rows('metrics.csv')
     seconds = sum(float(r['time_s']) for r in epochs)
     name, variant = method_name(cfg)
-    dataset = run.read_json(DATASET_FILE) if (run.path / DATASET_FILE).is_file() else {}
+    dataset = run.read_json(DATASET_FILE, missing={})
     row = {'run': run.path.name, 'method': name, 'variant': variant, 'model': model_label(cfg, dataset.get('model')),
            'dataset': Path(cfg.data.root).name if cfg.data.root else cfg.data.dataset,
            'train_images': dataset.get('num_images', {}).get('train'), 'epochs_run': len(epochs),
@@ -97,8 +97,7 @@ def summarize_run(path: str | Path) -> dict[str, Any]:
 def _paper(run: RunDir, method: str) -> dict[str, Any]:
     """``recipe`` (the name of the recipe the run's first command line gave ``--config``, where sure) and ``paper``
     (that recipe's reported number for ``method``)."""
-    start = run.read_json(ENVIRONMENT_FILE) if (run.path / ENVIRONMENT_FILE).is_file() else {}
-    recipe = recorded_recipe(start.get('argv') or [])
+    recipe = recorded_recipe(run.read_json(ENVIRONMENT_FILE, missing={}).get('argv') or [])
     return {'recipe': recipe and recipe.name, 'paper': recipe.reported.get(method) if recipe else None}
 
 

@@ -68,15 +68,21 @@ def recorded_recipe(argv: list[str]) -> Recipe | None:
     sure: a shipped recipe's name, or an absolute path to a file still there. ``None`` otherwise (no ``--config``,
     or a relative path: the folder it was relative to is not recorded)."""
     config = None
-    for option, value in zip(argv, argv[1:] + ['']):
-        if option == '--config' or option.startswith('--config='):
-            config = option.partition('=')[2] or value  # the last one counts, as for argparse
+    for option, value in zip(argv, argv[1:] + ['']):  # the last --config counts, as for argparse
+        if option == '--config':
+            config = value
+        elif option.startswith('--config='):
+            config = option.partition('=')[2]
     if not config:
         return None
     path = Path(config)
-    if not path.is_absolute():
-        path = _folder() / f'{path.name.removesuffix(".yaml")}.yaml' if path.parent == Path('.') else path
-    return _recipe(path) if path.is_absolute() and path.is_file() else None
+    path = path if path.is_absolute() else _shipped(path)
+    return _recipe(path) if path is not None and path.is_file() else None
+
+
+def _shipped(path: Path) -> Path | None:
+    """The shipped recipe a bare ``--config`` name means (``quickstart`` or ``quickstart.yaml``), else ``None``."""
+    return _folder() / f'{path.name.removesuffix(".yaml")}.yaml' if path.parent == Path('.') else None
 
 
 def resolve_recipe(config: str) -> Path:
@@ -85,8 +91,8 @@ def resolve_recipe(config: str) -> Path:
     path = Path(config).expanduser()
     if path.is_file():
         return path
-    shipped = _folder() / f'{path.name.removesuffix(".yaml")}.yaml'
-    if path.parent == Path('.') and shipped.is_file():
+    shipped = _shipped(path)
+    if shipped is not None and shipped.is_file():
         return shipped
     names = [r.name for r in list_recipes()]
     raise ConfigError(f'--config {config}: no such file and no shipped recipe of that name. Recipes: '

@@ -242,7 +242,7 @@ class RunDir:
         """Add this process's environment to ``environment.json`` (``resumes``, one entry per resume) and return
         what differs in ``ARITHMETIC_KEYS`` from the environment the run was last trained in: ``{key: [then, now]}``
         (keys an older run did not record are not compared)."""
-        record = self.read_json(ENVIRONMENT_FILE) if (self.path / ENVIRONMENT_FILE).is_file() else {}
+        record = self.read_json(ENVIRONMENT_FILE, missing={})
         last = (record.get('resumes') or [record])[-1]
         now = environment()
         record.setdefault('resumes', []).append(now)
@@ -272,8 +272,12 @@ class RunDir:
         text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False)
         atomic_write(self.path / name, lambda tmp: Path(tmp).write_text(text))
 
-    def read_json(self, name: str) -> dict[str, Any]:
-        return json.loads((self.path / name).read_text())
+    def read_json(self, name: str, missing: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON file ``name`` of the run; ``missing`` (when given) if the run has no such file."""
+        path = self.path / name
+        if missing is not None and not path.is_file():
+            return missing
+        return json.loads(path.read_text())
 
     def append_row(self, name: str, row: dict[str, Any]) -> None:
         """Append a row to a CSV, writing the header with the first row."""
