@@ -101,6 +101,22 @@ def test_resume_records_its_environment_and_warns_when_the_arithmetic_may_differ
     assert len(json.loads(path.read_text())['resumes']) == 2
 
 
+def test_resume_on_another_cpu_model_of_the_same_capability_warns(tmp_path, capsys):
+    assert train(tmp_path, '--train.epochs=1') == 0
+    path = tmp_path / 'r' / 'environment.json'
+    started = json.loads(path.read_text())
+    names = [line.split(':', 1)[1].strip() for line in Path('/proc/cpuinfo').read_text().splitlines()
+             if line.startswith('model name')] if Path('/proc/cpuinfo').is_file() else []
+    if names:
+        assert started['cpu_model'] == names[0]
+    path.write_text(json.dumps({**started, 'cpu_model': 'Another CPU'}))  # same capability, another chip
+    capsys.readouterr()
+    assert main(['train', '--resume', str(tmp_path / 'r'), '--train.epochs=2']) == 0
+    err = capsys.readouterr().err
+    assert f"cpu_model (Another CPU -> {started['cpu_model']})" in err and 'not bit for bit' in err
+    assert 'cpu_capability (' not in err
+
+
 def _best_loss_by_csv(run, key):
     with (run / 'metrics.csv').open() as f:
         return min(float(r[f'val_{key}']) for r in csv.DictReader(f))

@@ -71,6 +71,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else ``platform.processor()``), ``None`` if unknown."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def environment() -> dict[str, Any]:
     """Versions and machine facts worth keeping next to a result."""
     import timm
@@ -82,15 +94,16 @@ def environment() -> dict[str, Any]:
         'timm_cff': __version__, 'timm': timm.__version__, 'torch': torch.__version__,
         'torchvision': torchvision.__version__, 'python': platform.python_version(), 'platform': platform.platform(),
         'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        'cpu_capability': torch.backends.cpu.get_cpu_capability(), 'cpu_threads': torch.get_num_threads(),
-        'malloc': malloc_state(), 'argv': sys.argv,
+        'cpu_model': cpu_model(), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+        'cpu_threads': torch.get_num_threads(), 'malloc': malloc_state(), 'argv': sys.argv,
     }
 
 
 #: What decides a run's float arithmetic besides its config: another value on resume continues the run correctly,
 #: but no longer bit for bit with an uninterrupted one (``cpu_capability``: the kernels PyTorch dispatches to,
-#: e.g. AVX2 or AVX512, which sum in different orders).
-ARITHMETIC_KEYS = ('torch', 'timm', 'cpu_capability', 'cpu_threads', 'gpu', 'cuda')
+#: e.g. AVX2 or AVX512, which sum in different orders; ``cpu_model``: two CPUs of one capability can still round
+#: differently, as an Intel and an AMD AVX512 machine did from the first epoch of a CFF run).
+ARITHMETIC_KEYS = ('torch', 'timm', 'cpu_model', 'cpu_capability', 'cpu_threads', 'gpu', 'cuda')
 
 
 class RunDir:
