@@ -102,7 +102,7 @@ def environment() -> dict[str, Any]:
 #: What decides a run's float arithmetic besides its config: another value on resume continues the run correctly,
 #: but no longer bit for bit with an uninterrupted one (``cpu_capability``: the kernels PyTorch dispatches to,
 #: e.g. AVX2 or AVX512, which sum in different orders; ``cpu_model``: two CPUs of one capability can still round
-#: differently, as an Intel and an AMD AVX512 machine did from the first epoch of a CFF run).
+#: differently, as two AVX512 machines did from the first epoch of a CFF run).
 ARITHMETIC_KEYS = ('torch', 'timm', 'cpu_model', 'cpu_capability', 'cpu_threads', 'gpu', 'cuda')
 
 
