@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from timm_cff.experiment.rundir import cpu_model
+
 from harness import METHODS, BenchSetup, count_flops, memory_vs_depth, time_methods, write_report
 
 TARGETS = {  # the performance targets on ViT[128 4 5], batch 256, 32x32 inputs
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def _environment(args) -> dict:
     return {'torch': torch.__version__, 'python': platform.python_version(), 'machine': platform.machine(),
-            'processor': platform.processor(), 'threads': torch.get_num_threads(), 'device': args.device,
+            'cpu_model': cpu_model(), 'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+            'threads': torch.get_num_threads(), 'device': args.device,
             'cuda_device': torch.cuda.get_device_name() if args.device.startswith('cuda') else None,
             'command': ' '.join(sys.argv)}
 

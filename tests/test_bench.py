@@ -167,6 +167,9 @@ def test_benchmark_script_quick_mode(tmp_path):
     markdown = (tmp_path / 'quick.md').read_text()
     assert '| cff_2view |' in markdown and 'Peak memory' in markdown and 'GFLOP / BP' in markdown
     assert set(result['flops']) == set(result['time'])
+    from timm_cff.experiment.rundir import cpu_model  # the CPU named as run folders name it
+    assert result['environment']['cpu_model'] == cpu_model()
+    assert result['environment']['cpu_capability'] == torch.backends.cpu.get_cpu_capability()
 
 
 def test_loss_benchmark_runs(tmp_path):
